@@ -1,0 +1,89 @@
+"""Logging and progress display.
+
+Library code logs through ``logging.getLogger(__name__)`` and shows long work with
+:func:`progress`; the CLI decides whether that becomes a rich display (a terminal) or stays quiet
+(tests, pipes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+_progress_enabled = False
+
+
+def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
+    """Route llm360's logs to a rich handler on stderr; enable progress bars."""
+    global _progress_enabled
+    _progress_enabled = show_progress
+    logger = logging.getLogger("llm360")
+    logger.handlers.clear()
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+class ProgressTask(Protocol):
+    def advance(self, n: float = 1) -> None: ...
+
+    def update(self, *, total: float | None = None, description: str | None = None) -> None: ...
+
+
+class _NullTask:
+    def advance(self, n: float = 1) -> None:
+        pass
+
+    def update(self, *, total: float | None = None, description: str | None = None) -> None:
+        pass
+
+
+class _RichTask:
+    def __init__(self, progress: Progress, task_id: int) -> None:
+        self._progress = progress
+        self._id = task_id
+
+    def advance(self, n: float = 1) -> None:
+        self._progress.advance(self._id, n)
+
+    def update(self, *, total: float | None = None, description: str | None = None) -> None:
+        kwargs: dict = {}
+        if total is not None:
+            kwargs["total"] = total
+        if description is not None:
+            kwargs["description"] = description
+        self._progress.update(self._id, **kwargs)
+
+
+@contextmanager
+def progress(description: str, total: float | None = None, unit: str = "") -> Iterator[ProgressTask]:
+    """One progress bar for one long piece of work; a no-op unless the CLI enabled progress."""
+    if not _progress_enabled or not console.is_terminal:
+        yield _NullTask()
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as bar:
+        yield _RichTask(bar, bar.add_task(description, total=total))

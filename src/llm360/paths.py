@@ -1,0 +1,64 @@
+"""Names inside a run directory, in one place.
+
+Chunk ``i`` is trained into checkpoint ``ckpt_i``; indices are zero-padded to 3 digits (more when
+needed) everywhere: files, folders, metrics and docs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def index_name(i: int) -> str:
+    """Zero-padded index used in every chunk and checkpoint name: 0 -> '000', 1234 -> '1234'."""
+    if i < 0:
+        raise ValueError(f"index must be >= 0, got {i}")
+    return f"{i:03d}"
+
+
+class RunDir:
+    """The layout of one run directory (see DESIGN.md)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / "manifest.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.data / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    def chunk(self, i: int) -> Path:
+        return self.data / chunk_file(i)
+
+    def provenance(self, i: int) -> Path:
+        return self.data / provenance_file(i)
+
+    def ckpt_dir(self, i: int) -> Path:
+        return self.checkpoints / f"ckpt_{index_name(i)}"
+
+
+def chunk_file(i: int) -> str:
+    return f"chunk_{index_name(i)}.npy"
+
+
+def provenance_file(i: int) -> str:
+    return f"provenance_{index_name(i)}.npy"
