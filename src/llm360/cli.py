@@ -1,0 +1,211 @@
+"""The `llm360` command: parse arguments, call one stage, show the result.
+
+Stages live in their modules; this file only parses, calls and prints. A user mistake
+(:class:`~llm360.errors.Llm360Error`) is printed as one clear message with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from llm360 import __version__
+from llm360.errors import Llm360Error
+from llm360.log import console, setup_logging
+
+logger = logging.getLogger("llm360.cli")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("config", nargs="?", help="YAML config (default: the embedded default corpus)")
+    p.add_argument("--preset", help="start from a preset: embedded, amber, crystalcoder")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set data.seq_len=512 (repeatable)",
+    )
+
+
+def _load_config(args: argparse.Namespace):
+    """The config named on the command line; else the run directory's own; else the embedded default."""
+    from llm360.config import load_config
+    from llm360.paths import RunDir
+
+    path = getattr(args, "config", None)
+    run_dir = getattr(args, "run_dir", None)
+    if path is None and args.preset is None and run_dir is not None and RunDir(run_dir).config.is_file():
+        path = RunDir(run_dir).config
+        logger.info("using the run directory's config %s", path)
+    return load_config(path, preset=args.preset, overrides=args.overrides)
+
+
+def _run_config(run_dir: Path, args: argparse.Namespace):
+    """The config of an existing run directory, with any --set overrides applied."""
+    from llm360.config import load_config
+    from llm360.paths import RunDir
+
+    path = RunDir(run_dir).config
+    if getattr(args, "config", None):
+        return _load_config(args)
+    if not path.is_file():
+        raise Llm360Error(f"{path} not found: run `llm360 prepare --run-dir {run_dir}` first")
+    return load_config(path, overrides=getattr(args, "overrides", []))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from llm360.data.prepare import prepare
+
+    cfg = _load_config(args)
+    res = prepare(cfg, args.run_dir, workers=args.workers, force=args.force)
+    m = res.manifest
+    if not res.built:
+        console.print(f"[green]data is up to date[/] in {args.run_dir}/data — nothing to do")
+        return 0
+    table = Table(title=f"prepared {m['num_chunks']} chunks into {args.run_dir}/data")
+    for col in ("source", "docs in", "used", "rejected", "train tokens", "valid rows"):
+        table.add_column(col, justify="right" if col != "source" else "left")
+    for name, s in m["sources"].items():
+        rej = ", ".join(f"{k}: {v}" for k, v in s["documents_rejected"].items()) or "0"
+        table.add_row(name, str(s["documents_in"]), str(s["documents_used"]), rej,
+                      f"{s['tokens_train_documents']:,}", str(s["valid_rows"]))
+    console.print(table)
+    console.print(f"{m['total_rows']:,} rows x {m['row_length']} tokens = {m['total_tokens']:,} tokens, "
+                  f"dtype {m['token_dtype']}, vocab {m['vocab_size']}")
+    return 0
+
+
+def _print_row(view, max_chars: int) -> None:
+    spans = ", ".join(
+        f"{escape(s['source'])}:{escape(str(s['doc_id']))}@{s['doc_offset']}+{s['length']}" for s in view.spans
+    )
+    console.print(f"[bold]chunk {view.chunk:03d} row {view.row}[/]  documents: {spans}")
+    if view.text is None:
+        console.print(escape(str(view.token_ids[:max_chars])))
+    else:
+        text = view.text if len(view.text) <= max_chars else view.text[:max_chars] + " …"
+        console.print(escape(text), highlight=False)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from llm360.data.inspect import view_batch, view_row
+    from llm360.data.store import DataStore
+    from llm360.paths import RunDir
+
+    data = RunDir(args.run_dir).data
+    if args.what == "chunk":
+        _print_row(view_row(DataStore(data), args.chunk, args.row), args.max_chars)
+    else:
+        gb = args.global_batch
+        if gb is None:
+            gb = _run_config(Path(args.run_dir), args).train.global_batch_sequences
+        info, rows = view_batch(data, args.step, gb)
+        console.print(f"[bold]step {info['step']}[/]: chunk {info['chunk']:03d}, rows "
+                      f"{info['rows'][0]}..{info['rows'][1] - 1} (step {info['step_in_chunk']} of the chunk)")
+        for v in rows:
+            _print_row(v, args.max_chars)
+    return 0
+
+
+def cmd_export_data(args: argparse.Namespace) -> int:
+    from llm360.data.export import export_llm360_jsonl
+    from llm360.paths import RunDir
+
+    out = args.out or str(Path(args.run_dir) / "export" / "llm360-jsonl")
+    files = export_llm360_jsonl(RunDir(args.run_dir).data, out)
+    console.print(f"wrote {len(files)} files to {out}; re-import with `llm360 prepare {out}/import.yaml "
+                  "--run-dir NEW_RUN`")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from llm360.config import to_yaml
+
+    sys.stdout.write(to_yaml(_load_config(args)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from llm360.pipeline import run_all
+
+    run_all(_load_config(args), Path(args.run_dir), workers=args.workers)
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm360", description="Fully transparent LLM pretraining.")
+    p.add_argument("--version", action="version", version=f"llm360 {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("prepare", help="sources -> tokenizer -> permuted chunks + manifest")
+    _add_config_args(sp)
+    sp.add_argument("--run-dir", required=True, help="run directory (data goes to RUN_DIR/data)")
+    sp.add_argument("--workers", type=int, default=1, help="tokenizer processes (the result never depends on it)")
+    sp.add_argument("--force", action="store_true", help="rebuild data that differs from this config")
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("inspect", help="show the text the model saw")
+    isub = sp.add_subparsers(dest="what", required=True)
+    ic = isub.add_parser("chunk", help="one row of one chunk")
+    ic.add_argument("--run-dir", required=True)
+    ic.add_argument("--chunk", type=int, required=True)
+    ic.add_argument("--row", type=int, required=True)
+    ic.add_argument("--max-chars", type=int, default=2000)
+    ic.set_defaults(func=cmd_inspect)
+    ib = isub.add_parser("batch", help="every row of one global step")
+    ib.add_argument("--run-dir", required=True)
+    ib.add_argument("--step", type=int, required=True)
+    ib.add_argument("--global-batch", type=int, help="sequences per step (default: the run's config)")
+    ib.add_argument("--max-chars", type=int, default=400)
+    ib.set_defaults(func=cmd_inspect, overrides=[], preset=None)
+
+    sp = sub.add_parser("export-data", help="write chunks in LLM360's released JSONL format")
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--format", choices=["llm360-jsonl"], default="llm360-jsonl")
+    sp.add_argument("--out", help="output folder (default RUN_DIR/export/llm360-jsonl)")
+    sp.set_defaults(func=cmd_export_data)
+
+    sp = sub.add_parser("config", help="show the resolved config with every field documented")
+    csub = sp.add_subparsers(dest="what", required=True)
+    cs = csub.add_parser("show")
+    _add_config_args(cs)
+    cs.set_defaults(func=cmd_config_show)
+
+    sp = sub.add_parser("run", help="every stage, in order, on one run directory")
+    _add_config_args(sp)
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--workers", type=int, default=1)
+    sp.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=args.verbose, show_progress=not args.no_progress)
+    try:
+        return int(args.func(args) or 0)
+    except Llm360Error as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: nothing half-written is kept; run the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

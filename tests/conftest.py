@@ -1,0 +1,63 @@
+"""Shared fixtures: small deterministic corpora written into tmp folders."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = (
+    "the model data chunk token train loss release verify order seed batch step memory corpus "
+    "source document python code function return value index layer weight gradient optimizer "
+    "checkpoint resume replay hash manifest transparent open science research language"
+).split()
+
+
+def make_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        k = rng.randint(min_words, max_words)
+        docs.append(f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(k)) + ".")
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({field: d}) + "\n")
+    return path
+
+
+def small_config(tmp: Path, *, n_docs: int = 400, chunks: int = 4, seq_len: int = 32, extra: dict | None = None):
+    """A two-source JSONL config with a trained 300-token BPE."""
+    from llm360.config import validate_config
+
+    a = write_jsonl(tmp / "src" / "web.jsonl", make_docs(n_docs, seed=1))
+    b = write_jsonl(tmp / "src" / "code.jsonl", make_docs(n_docs // 2, seed=2))
+    raw = {
+        "name": "test",
+        "data": {
+            "seq_len": seq_len,
+            "sources": [
+                {"name": "web", "kind": "jsonl", "paths": [str(a)]},
+                {"name": "code", "kind": "jsonl", "paths": [str(b)]},
+            ],
+            "chunks": chunks,
+            "valid_fraction": 0.05,
+            "tokenizer": {"kind": "train", "vocab_size": 300},
+            "docs_per_batch": 64,
+        },
+    }
+    if extra:
+        for k, v in extra.items():
+            raw["data"][k] = v
+    return validate_config(raw)
+
+
+@pytest.fixture
+def small_cfg(tmp_path: Path):
+    return small_config(tmp_path)
