@@ -89,12 +89,12 @@ def _print_row(view, max_chars: int) -> None:
     spans = ", ".join(
         f"{escape(s['source'])}:{escape(str(s['doc_id']))}@{s['doc_offset']}+{s['length']}" for s in view.spans
     )
-    console.print(f"[bold]chunk {view.chunk:03d} row {view.row}[/]  documents: {spans}")
+    console.print(f"[bold]chunk {view.chunk:03d} row {view.row}[/]  documents: {spans}", soft_wrap=True)
     if view.text is None:
-        console.print(escape(str(view.token_ids[:max_chars])))
+        console.print(escape(str(view.token_ids[:max_chars])), soft_wrap=True)
     else:
         text = view.text if len(view.text) <= max_chars else view.text[:max_chars] + " …"
-        console.print(escape(text), highlight=False)
+        console.print(escape(text), highlight=False, soft_wrap=True)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -125,6 +125,22 @@ def cmd_export_data(args: argparse.Namespace) -> int:
     files = export_llm360_jsonl(RunDir(args.run_dir).data, out)
     console.print(f"wrote {len(files)} files to {out}; re-import with `llm360 prepare {out}/import.yaml "
                   "--run-dir NEW_RUN`")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from llm360.train.loop import train
+
+    cfg = _load_config(args)
+    summary = train(cfg, args.run_dir, init_from=args.init_from, data_dir=args.data,
+                    reset_optimizer=args.reset_optimizer, device=args.device)
+    if summary["done"]:
+        console.print(
+            f"[green]training complete[/]: {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
+            f"checkpoints in {args.run_dir}/checkpoints"
+            + (f"; skipped steps {summary['skipped_steps']}" if summary["skipped_steps"] else "")
+            + (f"; skipped chunks {summary['skipped_chunks']}" if summary["skipped_chunks"] else "")
+        )
     return 0
 
 
@@ -180,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output folder (default RUN_DIR/export/llm360-jsonl)")
     sp.set_defaults(func=cmd_export_data)
 
+    sp = sub.add_parser("train", help="train chunk by chunk; resumes from the latest complete checkpoint")
+    _add_config_args(sp)
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--init-from", help="start a new run from this checkpoint folder (weights, and optimizer "
+                    "unless --reset-optimizer)")
+    sp.add_argument("--data", help="train on this run or data directory instead of RUN_DIR/data")
+    sp.add_argument("--reset-optimizer", action="store_true", help="with --init-from: fresh AdamW state")
+    sp.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    sp.set_defaults(func=cmd_train)
+
     sp = sub.add_parser("config", help="show the resolved config with every field documented")
     csub = sp.add_subparsers(dest="what", required=True)
     cs = csub.add_parser("show")
@@ -195,8 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
-    setup_logging(verbose=args.verbose, show_progress=not args.no_progress)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(verbose=args.verbose, show_progress=not args.no_progress and rank == 0)
+    if rank != 0:
+        logging.getLogger("llm360").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except Llm360Error as e:

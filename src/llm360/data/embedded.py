@@ -3,7 +3,8 @@
 Four parts, each in a fixed, deterministic order (a pure function of the installation):
 
 - ``code``: the standard library's ``.py`` files, ids ``stdlib/<relative path>``, sorted.
-  Tests, ``idlelib``, ``lib2to3``, ``site-packages``/``dist-packages`` and ``__pycache__`` are left out.
+  Tests, ``idlelib``, ``lib2to3``, ``pydoc_data`` (the ``docs`` part as code), ``site-packages``/
+  ``dist-packages`` and ``__pycache__`` are left out.
 - ``docs``: the topics of ``pydoc_data.topics`` (the language reference sections ``help()`` shows),
   one document per topic, ids ``pydoc:<topic>``, sorted.
 - ``package-docs``: the long description of every installed distribution, ids ``pkg:<name>``
@@ -38,9 +39,11 @@ PARTS: tuple[str, ...] = ("code", "docs", "package-docs", "licenses")
 """The parts of the built-in corpus, in the order the embedded preset lists them."""
 
 # Folders of the standard library that are not part of the `code` corpus: installed third-party
-# packages, the (huge, repetitive) test suites, and two legacy tools.
+# packages, the (huge, repetitive) test suites, two legacy tools, and `pydoc_data`, whose one
+# module is the `docs` part as a string literal (keeping it would put every docs document, the
+# held-out ones included, into the code source's training data).
 _STDLIB_EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "pydoc_data"}
 )
 _LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
 # The `License` metadata field counts as a licence text (not just an SPDX name such as "MIT")
@@ -123,7 +126,12 @@ def _iter_code() -> Iterator[tuple[str, str | Undecodable]]:
 
 
 def _read_utf8(path: Path) -> str | Undecodable:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(
+            f"embedded corpus: cannot read {path}: {e.strerror or e}; check its permissions"
+        ) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

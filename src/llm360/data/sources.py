@@ -89,8 +89,9 @@ _json_decode = json.JSONDecoder().decode
 def list_source_files(src: SourceConfig) -> list[Path]:
     """The files this source reads, sorted by path (the order :func:`iter_source` reads them).
 
-    Globs are expanded and folders searched recursively (hidden files and, for jsonl/llm360/parquet,
-    files with other extensions are skipped with a warning). For ``hf_dataset`` these are the
+    Globs are expanded and folders searched recursively: inside a folder, hidden files are left
+    out, and for jsonl/llm360/parquet so are files without such an extension (with a warning that
+    names them); files named directly or by a glob are always read. For ``hf_dataset`` these are the
     Arrow files of each saved dataset (the ``train`` split of a DatasetDict); for ``embedded``,
     an empty list (the corpus is built into Python). Raises :class:`DataError` when a path or glob
     matches nothing.
@@ -183,10 +184,9 @@ def _expand_paths(src: SourceConfig) -> list[Path]:
     for path in found:
         real = os.path.realpath(path)
         if real in seen:
-            if seen[real] != path or len(src.paths) > 1:
-                logger.warning(
-                    "source '%s': %s is named twice (as %s); reading it once", src.name, path, seen[real]
-                )
+            logger.warning(
+                "source '%s': %s is matched more than once by paths; reading it once", src.name, path
+            )
             continue
         seen[real] = path
         unique.append(path)
@@ -197,8 +197,16 @@ def _walk(src: SourceConfig, folder: Path) -> list[Path]:
     """Every non-hidden file under folder that this source kind reads, recursively."""
     kept: list[Path] = []
     skipped: list[Path] = []
+    visited = {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # Follow symlinked folders (common for data on shared storage), but never around a cycle.
+        kept_dirs = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in visited:
+                visited.add(real)
+                kept_dirs.append(d)
+        dirnames[:] = kept_dirs
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -238,11 +246,14 @@ def _split_compression(name: str) -> tuple[str, str | None]:
 # ------------------------------------------------------------------------------ opening files
 
 
-def _open_lines(path: Path) -> tuple[IO[bytes], str | None]:
-    """Open path for binary line reading, decompressing by suffix (or by magic number)."""
+def _open_lines(path: Path) -> tuple[IO[bytes], IO[bytes], str | None]:
+    """Open path for binary line reading, decompressing by suffix (or by magic number).
+
+    Returns (the file, the stream to read lines from, the compression or None); close both.
+    """
     _, method = _split_compression(path.name.lower())
     try:
-        raw = open(path, "rb", buffering=_BUF)  # closed by the caller
+        raw = open(path, "rb", buffering=_BUF)
     except OSError as e:
         raise DataError(
             f"cannot open {path}: {e.strerror or e}; check that it exists and is readable"
@@ -256,21 +267,64 @@ def _open_lines(path: Path) -> tuple[IO[bytes], str | None]:
                     "%s is %s-compressed although its name does not say so; decompressing", path, method
                 )
         if method is None:
-            return raw, None
+            return raw, raw, None
         if method == "gzip":
-            return gzip.GzipFile(fileobj=raw, mode="rb"), method
+            return raw, gzip.GzipFile(fileobj=raw, mode="rb"), method
         if method == "zstd":
-            # max_window_size: accept files written with --long; read_across_frames: pzstd/concatenated files.
-            reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
-                raw, read_size=_BUF, read_across_frames=True, closefd=True
-            )
-            return io.BufferedReader(reader, buffer_size=_BUF), method  # type: ignore[arg-type]
+            return raw, io.BufferedReader(_ZstdReader(raw), buffer_size=_BUF), method
         if method == "bz2":
-            return bz2.BZ2File(raw, mode="rb"), method
-        return lzma.LZMAFile(raw, mode="rb"), method
+            return raw, bz2.BZ2File(raw, mode="rb"), method
+        return raw, lzma.LZMAFile(raw, mode="rb"), method
     except BaseException:
         raw.close()
         raise
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses every frame of a zstd stream and raises if the stream ends inside a frame.
+
+    (zstandard's ``stream_reader`` ends quietly on a truncated file, which would lose data unseen.)
+    """
+
+    _CHUNK = 1 << 16  # compressed bytes per step; bounds the decompressed block held at once
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__()
+        self._raw = raw
+        # max_window_size: accept files written with `zstd --long`.
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+        self._dobj: Any = None  # the decompressor of the frame in progress
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            chunk = self._raw.read(self._CHUNK)
+            if not chunk:
+                if self._dobj is not None:
+                    raise zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
+                return 0
+            parts = []
+            while chunk:
+                if self._dobj is None:
+                    self._dobj = self._dctx.decompressobj()
+                parts.append(self._dobj.decompress(chunk))
+                chunk = b""
+                if self._dobj.eof:  # a frame ended; what follows is the next frame
+                    chunk = self._dobj.unused_data
+                    self._dobj = None
+            self._out = memoryview(b"".join(parts))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
 def _read_error(path: Path, lineno: int, method: str | None, err: BaseException) -> DataError:
@@ -288,8 +342,8 @@ def _iter_lines(path: Path, limit: int = -1) -> Iterator[tuple[int, bytes, int]]
     With ``limit`` > 0, a line of ``limit`` bytes or more is returned truncated to ``limit`` bytes
     (its total size in the third field) and the rest is skipped without being held in memory.
     """
-    f, method = _open_lines(path)
-    with f:
+    raw, f, method = _open_lines(path)
+    with raw, f:
         readline = f.readline
         lineno = 0
         while True:
@@ -351,10 +405,11 @@ def _decode_json_line(name: str, doc_id: str, line: bytes, lineno: int) -> Any:
 
 def _check_not_pretty_printed(path: Path, lineno: int, line: bytes) -> None:
     if line.strip() in (b"[", b"{"):
+        jq = ".[]" if line.strip() == b"[" else "."
         raise DataError(
             f"{path}: line {lineno} is just {line.strip().decode()!r}: this looks like one pretty-printed "
             "JSON document, not JSON Lines (one object per line). Convert it, e.g. "
-            f"`jq -c '.[]' {path} > {path.with_suffix('.jsonl').name}`"
+            f"`jq -c {jq!r} {path} > {path.with_suffix('.jsonl').name}`"
         )
 
 
@@ -383,18 +438,20 @@ def _iter_jsonl(
                 f"line of {size} bytes, too long for max_document_chars={max_chars}",
             )
             continue
-        obj = _decode_json_line(name, doc_id, line, lineno)
-        if obj is None:
-            continue
-        if not seen_record:
-            if type(obj) is Rejected and obj.reason == "malformed_json":
+        try:
+            obj = _json_decode(line.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+            obj = _decode_json_line(name, doc_id, line, lineno)  # the slow path that says why
+            if obj is None:
+                continue
+            if not seen_record and type(obj) is Rejected and obj.reason == "malformed_json":
                 _check_not_pretty_printed(path, lineno, line)
-            seen_record = True
+        seen_record = True
         if type(obj) is not dict:
             if type(obj) is Rejected:
                 yield obj
             else:
-                yield Rejected(name, doc_id, "not_an_object", f"a JSON {type(obj).__name__}")
+                yield Rejected(name, doc_id, "not_an_object", f"a JSON {_json_type(obj)}")
             continue
         text = obj.get(text_field, _MISSING)
         if type(text) is not str:
@@ -405,7 +462,8 @@ def _iter_jsonl(
                     name, doc_id, "text_not_a_string", f"{text_field!r} is a JSON {_json_type(text)}"
                 )
             continue
-        if (b"\\ud" in line or b"\\uD" in line) and _has_lone_surrogate(text):
+        # A lone surrogate can only come from a `\\udXXX` escape, and only in a non-ASCII text.
+        if not text.isascii() and (b"\\ud" in line or b"\\uD" in line) and _has_lone_surrogate(text):
             yield Rejected(
                 name, doc_id, "invalid_utf8", "the text holds an unpaired UTF-16 surrogate escape (\\udXXX)"
             )
@@ -476,25 +534,34 @@ def _token_ids_problem(ids: object) -> str:
 # ------------------------------------------------------------------------------------ parquet
 
 
-def _text_type_ok(t: pa.DataType) -> bool:
+def _is_string_type(t: pa.DataType) -> bool:
     import pyarrow as pa
 
-    checks = [pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary]
-    checks += [getattr(pa.types, n) for n in ("is_string_view", "is_binary_view") if hasattr(pa.types, n)]
-    return any(check(t) for check in checks)
+    view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or bool(view and view(t))
+
+
+def _is_binary_type(t: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    view = getattr(pa.types, "is_binary_view", None)  # pyarrow >= 16
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or bool(view and view(t))
+
+
+def _text_type_ok(t: pa.DataType) -> bool:
+    return _is_string_type(t) or _is_binary_type(t)
 
 
 def _arrow_texts(column: pa.Array | pa.ChunkedArray) -> list[str | bytes | None]:
-    """Python values of a string/binary column; strings that are not UTF-8 come back as bytes."""
+    """Python values of a string/binary column; values that are not UTF-8 come back as bytes."""
     import pyarrow as pa
 
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    if _is_string_type(column.type):
         try:
             return column.to_pylist()
         except (UnicodeDecodeError, pa.ArrowException):
-            column = column.cast(pa.large_binary())  # a writer stored bytes that are not UTF-8
-    elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        column = column.cast(pa.large_binary())
+            # A writer stored bytes that are not UTF-8 in a string column: look at each value.
+            column = column.cast(pa.large_binary())
     values: list[str | bytes | None] = column.to_pylist()
     for i, v in enumerate(values):
         if v is not None:
