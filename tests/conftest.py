@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Tiny models on a 2-core CI machine: one intra-op thread per process is faster than two fighting,
+# and tests that spawn processes (torchrun, kill-and-resume) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 WORDS = (
     "the model data chunk token train loss release verify order seed batch step memory corpus "

@@ -1,0 +1,102 @@
+"""Process groups and data parallelism, applied to the model from outside (the model has none).
+
+Under ``torchrun`` each process reads RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on GPU.
+Without torchrun everything here is a no-op with world size 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group if there is one; pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks (in place) and return it."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, info: DistInfo):
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def parallelize(model: nn.Module, parallelism: str, info: DistInfo, activation_checkpointing: bool = False) -> nn.Module:
+    """Apply activation checkpointing and DDP or FSDP2 (``fully_shard`` per block) to the model."""
+    if activation_checkpointing:
+        # Recompute each block in backward. The forward is wrapped in place (not the module), so
+        # parameter names, and with them the Hugging Face state dict, stay unchanged.
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        for block in model.model.layers:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if not info.enabled:
+        return model
+    if parallelism == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.local_rank] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and not hasattr(model, "lm_head") else model

@@ -1,0 +1,100 @@
+"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine learning-rate schedule.
+
+Units: a *step* is one optimizer step (one global batch), counted from 0. ``lr_at(step, ...)`` is the
+learning rate used by optimizer step ``step``; the trainer calls ``set_lr(opt, lr_at(step, ...))``
+before ``opt.step()``. The schedule is a pure function of (step, config, total_steps), so a resumed
+run only needs the step count from the checkpoint to be back on the same curve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from llm360.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split trainable parameters into (decayed, not decayed).
+
+    Matrices (``ndim >= 2``: linear weights, embeddings, the output head) get weight decay;
+    1-D and scalar parameters (norm gains, biases) do not. Shared (tied) parameters appear once.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for _, p in model.named_parameters():  # deduplicates tied parameters
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return decay, no_decay
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW(lr, betas, eps) with two param groups: group 0 decayed by cfg.weight_decay, group 1 not.
+
+    The kernel is chosen for bitwise reproducibility: on CUDA the fused kernel (elementwise, hence
+    deterministic, and the fastest); anywhere else the single-tensor reference path, which is what
+    torch uses by default on CPU and gives identical bits run after run. The lr set here is the
+    peak; the trainer overwrites it every step with :func:`set_lr`.
+    """
+    decay, no_decay = decay_groups(model)
+    params = decay + no_decay
+    if not params:
+        raise ValueError("build_optimizer: the model has no trainable parameters")
+    on_cuda = all(p.device.type == "cuda" for p in params)
+    kernel = {"fused": True} if on_cuda else {"foreach": False, "fused": False}
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
+    logger.debug(
+        "AdamW: %d tensors (%d params) with weight decay %g, %d tensors (%d params) without; %s",
+        len(decay),
+        sum(p.numel() for p in decay),
+        cfg.weight_decay,
+        len(no_decay),
+        sum(p.numel() for p in no_decay),
+        "fused" if on_cuda else "single-tensor",
+    )
+    return opt
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of a run of ``total_steps`` steps.
+
+    - warmup: ``lr * step / warmup_steps`` for ``step < warmup_steps`` (0 at step 0, linear);
+    - cosine: from ``lr`` at ``step == warmup_steps`` to ``min_lr`` at ``step == total_steps``:
+      ``min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2`` with
+      ``t = (step - warmup_steps) / (total_steps - warmup_steps)``;
+    - ``step >= total_steps``: ``min_lr``.
+
+    The curve is continuous. The last step actually taken, ``total_steps - 1``, is one cosine step
+    above ``min_lr``. If ``warmup_steps >= total_steps`` the warmup runs to its end regardless and
+    is followed by ``min_lr`` (a degenerate config, not an error).
+    """
+    if step < 0:
+        raise ValueError(f"lr_at: step must be >= 0, got {step}")
+    if total_steps < 0:
+        raise ValueError(f"lr_at: total_steps must be >= 0, got {total_steps}")
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return cfg.lr * step / warmup
+    if step >= total_steps:
+        return cfg.min_lr
+    t = (step - warmup) / (total_steps - warmup)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every param group (in place, also for tensor-valued lr)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

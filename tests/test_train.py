@@ -1,0 +1,260 @@
+"""Trainer promises: complete checkpoints, exact resume (with real kills), guards, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import small_config
+from llm360.config import validate_config
+from llm360.data.prepare import prepare
+from llm360.errors import CheckpointError, ConfigError, DataError
+from llm360.train import checkpoint as ckpt
+from llm360.train.loop import INJECT_ENV, TrainingStopped, train
+
+
+def tiny_run_config(tmp: Path, **train_overrides):
+    cfg = small_config(tmp, n_docs=45, chunks=3, seq_len=32)
+    raw = cfg.model_dump(mode="json")
+    raw["model"] = {"name": "tiny", "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}
+    raw["train"] = {"global_batch_sequences": 8, "micro_batch_sequences": 4, "warmup_steps": 5,
+                    "lr": 3e-3, "min_lr": 3e-4, **train_overrides}
+    return validate_config(raw)
+
+
+@pytest.fixture
+def prepared(tmp_path: Path):
+    cfg = tiny_run_config(tmp_path)
+    prepare(cfg, tmp_path / "run")
+    return cfg, tmp_path / "run"
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_train_writes_a_complete_checkpoint_per_chunk(prepared):
+    cfg, run = prepared
+    summary = train(cfg, run)
+    assert summary["done"]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("ckpt_"))
+    assert names == ["ckpt_000", "ckpt_001", "ckpt_002"]
+    for n in names:
+        ckpt.verify_checkpoint(run / "checkpoints" / n)
+        files = {p.name for p in (run / "checkpoints" / n).iterdir()}
+        assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.json",
+                "config.yaml", "tokenizer.json"} <= files
+        assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    rows = read_jsonl(run / "metrics" / "train.jsonl")
+    assert [r["step"] for r in rows] == list(range(summary["step"]))
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "chunk", "tokens_seen", "rss_mb"):
+        assert key in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    state = json.loads((run / "checkpoints" / "ckpt_002" / "trainer_state.json").read_text())
+    assert state["step"] == summary["step"] and state["data_cursor"]["next_step"] == summary["step"]
+    # again: nothing to do
+    assert train(cfg, run)["done"]
+
+
+def test_checkpoint_folder_is_a_hugging_face_model(prepared):
+    from transformers import AutoModelForCausalLM
+
+    from llm360.model.llama import Llama
+
+    cfg, run = prepared
+    train(cfg, run)
+    folder = run / "checkpoints" / "ckpt_001"
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    cfg_m = json.loads((folder / "config.json").read_text())
+    ours = Llama(cfg.model.model_copy(update={"vocab_size": cfg_m["vocab_size"], "max_seq_len": 32}))
+    ours.load_state_dict(weights(folder))
+    ours.eval()
+    x = torch.randint(0, cfg_m["vocab_size"], (2, 16))
+    with torch.no_grad():
+        diff = (hf(x).logits - ours(x)).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_resume_after_stop_is_bitwise(tmp_path: Path):
+    cfg = tiny_run_config(tmp_path, checkpoint_every_steps=3)
+    prepare(cfg, tmp_path / "a")
+    prepare(cfg, tmp_path / "b")
+    train(cfg, tmp_path / "a")
+    # b: stop mid-chunk several times; each restart resumes from the latest complete checkpoint
+    for _ in range(200):
+        if train(cfg, tmp_path / "b", stop_after_steps=4)["done"]:
+            break
+    for i in range(3):
+        assert_same_weights(tmp_path / "a" / "checkpoints" / f"ckpt_{i:03d}",
+                            tmp_path / "b" / "checkpoints" / f"ckpt_{i:03d}")
+    a_opt = load_file(str(tmp_path / "a" / "checkpoints" / "ckpt_002" / "optimizer.safetensors"))
+    b_opt = load_file(str(tmp_path / "b" / "checkpoints" / "ckpt_002" / "optimizer.safetensors"))
+    assert all(torch.equal(a_opt[k], b_opt[k]) for k in a_opt)
+    la = [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics" / "train.jsonl")]
+    lb = [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics" / "train.jsonl")]
+    assert la == lb
+    events = read_jsonl(tmp_path / "b" / "metrics" / "events.jsonl")
+    assert any(e["event"] == "resume" for e in events)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bitwise(tmp_path: Path):
+    cfg = tiny_run_config(tmp_path, checkpoint_every_steps=2)
+    cfg_path = tmp_path / "c.yaml"
+    from llm360.config import to_yaml
+
+    cfg_path.write_text(to_yaml(cfg))
+    prepare(cfg, tmp_path / "ref")
+    train(cfg, tmp_path / "ref")
+    run = tmp_path / "killed"
+    prepare(cfg, run)
+    cmd = [sys.executable, "-m", "llm360.cli", "--no-progress", "train", str(cfg_path), "--run-dir", str(run)]
+    rng = random.Random(0)
+    kills = 0
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait(timeout=rng.uniform(2.0, 6.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0
+        break
+    else:
+        pytest.fail("training never finished")
+    assert kills >= 1
+    for i in range(3):
+        assert_same_weights(tmp_path / "ref" / "checkpoints" / f"ckpt_{i:03d}", run / "checkpoints" / f"ckpt_{i:03d}")
+
+
+def _train_with_nan(cfg, run, steps: str):
+    os.environ[INJECT_ENV] = steps
+    try:
+        return train(cfg, run)
+    finally:
+        os.environ.pop(INJECT_ENV, None)
+
+
+def test_nan_skip_step_is_recorded(tmp_path: Path):
+    cfg = tiny_run_config(tmp_path, guards={"nonfinite_policy": "skip_step"})
+    prepare(cfg, tmp_path / "run")
+    s = _train_with_nan(cfg, tmp_path / "run", "4")
+    assert s["done"] and s["skipped_steps"] == [4]
+    ev = read_jsonl(tmp_path / "run" / "metrics" / "events.jsonl")
+    assert [e["event"] for e in ev if e["event"] == "skip_step"] == ["skip_step"]
+    assert ev[[e["event"] for e in ev].index("skip_step")]["step"] == 4
+
+
+def test_nan_rollback_skip_chunk(tmp_path: Path):
+    cfg = tiny_run_config(tmp_path, guards={"nonfinite_policy": "rollback_skip_chunk"})
+    prepare(cfg, tmp_path / "run")
+    from llm360.data.store import DataStore
+
+    spc = DataStore(tmp_path / "run" / "data").step_index(8).steps_per_chunk
+    s = _train_with_nan(cfg, tmp_path / "run", str(spc[0] + 2))  # inside chunk 1
+    assert s["done"] and s["skipped_chunks"] == [1]
+    ck = tmp_path / "run" / "checkpoints"
+    assert_same_weights(ck / "ckpt_000", ck / "ckpt_001")
+    ev = [e["event"] for e in read_jsonl(tmp_path / "run" / "metrics" / "events.jsonl")]
+    assert "rollback_skip_chunk" in ev
+
+
+def test_nan_rollback_reseed_then_stop_policy(tmp_path: Path):
+    cfg = tiny_run_config(tmp_path, guards={"nonfinite_policy": "rollback_reseed"})
+    prepare(cfg, tmp_path / "run")
+    s = _train_with_nan(cfg, tmp_path / "run", "2")
+    assert s["done"] and s["rollbacks"] == 1
+    state = json.loads((tmp_path / "run" / "checkpoints" / "ckpt_002" / "trainer_state.json").read_text())
+    assert state["chunk_reseeds"] == {"0": 1}
+
+    cfg2 = tiny_run_config(tmp_path, guards={"nonfinite_policy": "stop"})
+    prepare(cfg2, tmp_path / "run2")
+    with pytest.raises(TrainingStopped, match="non-finite loss at step 5"):
+        _train_with_nan(cfg2, tmp_path / "run2", "5")
+    ev = read_jsonl(tmp_path / "run2" / "metrics" / "events.jsonl")
+    assert ev[-1]["event"] == "stop"
+
+
+def test_bad_inputs_are_clear(tmp_path: Path, prepared):
+    cfg, run = prepared
+    with pytest.raises(DataError, match="no prepared data"):
+        train(cfg, tmp_path / "empty")
+    raw = cfg.model_dump(mode="json")
+    raw["data"]["seq_len"] = 64
+    with pytest.raises(ConfigError, match="another data config"):
+        train(validate_config(raw), run)
+    raw = cfg.model_dump(mode="json")
+    raw["model"]["max_seq_len"] = 16
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        train(validate_config(raw), run)
+    raw = cfg.model_dump(mode="json")
+    raw["train"]["global_batch_sequences"] = 5000
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        train(validate_config(raw), run)
+    # train one chunk, then try to continue with another optimizer config: another run's checkpoints
+    raw = cfg.model_dump(mode="json")
+    raw["train"]["max_chunks"] = 1
+    train(validate_config(raw), run)
+    raw["train"]["lr"] = 1.0
+    raw["train"]["max_chunks"] = None
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        train(validate_config(raw), run)
+
+
+def test_corrupt_latest_checkpoint_is_never_loaded(prepared):
+    cfg, run = prepared
+    raw = cfg.model_dump(mode="json")
+    raw["train"]["max_chunks"] = 2
+    cfg2 = validate_config(raw)
+    train(cfg2, run)
+    bad = run / "checkpoints" / "ckpt_001" / "model.safetensors"
+    data = bytearray(bad.read_bytes())
+    data[-3] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        ckpt.verify_checkpoint(run / "checkpoints" / "ckpt_001")
+    assert ckpt.latest_complete_checkpoint(run / "checkpoints").name == "ckpt_000"
+
+
+def test_init_from_checkpoint_on_other_data(tmp_path: Path, prepared):
+    cfg, run = prepared
+    raw = cfg.model_dump(mode="json")
+    raw["train"]["max_chunks"] = 1
+    train(validate_config(raw), run)
+    src = run / "checkpoints" / "ckpt_000"
+    # new data: the same sources, another seed (a different mix/order)
+    raw2 = cfg.model_dump(mode="json")
+    raw2["data"]["seed"] = 7
+    raw2["data"]["tokenizer"] = {"kind": "file", "path": str(run / "data" / "tokenizer")}
+    cfg2 = validate_config(raw2)
+    prepare(cfg2, tmp_path / "branch")
+    s = train(cfg2, tmp_path / "branch", init_from=src, reset_optimizer=True)
+    assert s["done"]
+    init = tmp_path / "branch" / "checkpoints" / "init"
+    assert_same_weights(src, init)
+    ev = read_jsonl(tmp_path / "branch" / "metrics" / "events.jsonl")
+    assert ev[0]["event"] == "init_from" and ev[0]["optimizer"] == "reset"
