@@ -144,6 +144,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from llm360.config import load_config
+    from llm360.finetune import finetune, finetune_config
+    from llm360.paths import RunDir
+
+    run_cfg = RunDir(args.run_dir).config
+    base = getattr(load_config(run_cfg).finetune, args.kind) if run_cfg.is_file() else None
+    section = finetune_config(args.kind, base=base, overrides=args.overrides)
+    res = finetune(args.kind, args.run_dir, args.base, args.data, section, force=args.force, device=args.device)
+    last = res.metrics[-1] if res.metrics else {}
+    console.print(f"[green]{args.kind} done[/]: {res.steps} steps, final loss "
+                  f"{last.get('loss', float('nan')):.4f}; model in {res.folder}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from llm360.config import to_yaml
 
@@ -205,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reset-optimizer", action="store_true", help="with --init-from: fresh AdamW state")
     sp.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("finetune", help="SFT or DPO (TRL) from any checkpoint, lineage kept")
+    fsub = sp.add_subparsers(dest="kind", required=True)
+    for kind, what in (("sft", "supervised fine-tuning (AmberChat recipe)"), ("dpo", "DPO (AmberSafe recipe)")):
+        fp = fsub.add_parser(kind, help=what)
+        fp.add_argument("--run-dir", required=True)
+        fp.add_argument("--from", dest="base", required=True,
+                        help="checkpoint: ckpt_012, 12, latest, a fine-tuned model's name, or a path")
+        fp.add_argument("--data", required=True,
+                        help="JSONL/Parquet file, or builtin:instructions / builtin:preferences")
+        fp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a fine-tuning field, e.g. --set lr=1e-4")
+        fp.add_argument("--force", action="store_true", help="replace an existing output folder")
+        fp.add_argument("--device", choices=["cpu", "cuda"])
+        fp.set_defaults(func=cmd_finetune, preset=None)
 
     sp = sub.add_parser("config", help="show the resolved config with every field documented")
     csub = sp.add_subparsers(dest="what", required=True)

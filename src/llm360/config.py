@@ -284,6 +284,8 @@ class TrainConfig(Section):
 
 # ---------------------------------------------------------------------------------------- run
 
+from llm360.finetune.config import FinetuneConfig  # noqa: E402  (needs Section, defined above)
+
 
 class RunConfig(Section):
     name: str = "llm360-run"
@@ -296,6 +298,8 @@ class RunConfig(Section):
     """Model architecture."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimizer, schedule, precision, checkpointing and guards."""
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    """Fine-tuning of checkpoints (`llm360 finetune sft|dpo`): AmberChat's SFT and AmberSafe's DPO recipes."""
 
     def data_hash(self) -> str:
         """sha256 of the data section: two configs with the same hash prepare the same data."""
@@ -354,6 +358,8 @@ def _preset_embedded() -> dict:
             "tokenizer": {"kind": "train", "vocab_size": 4096},
         },
         "model": {"name": "tiny"},
+        # The paper's AmberChat lr barely moves a tiny model in a demo's minutes.
+        "finetune": {"sft": {"lr": 1e-3, "micro_batch_size": 8, "gradient_accumulation": 1, "epochs": 1}},
     }
 
 

@@ -13,6 +13,9 @@ logger = logging.getLogger(__name__)
 def run_all(cfg: RunConfig, run_dir: Path, *, workers: int = 1) -> None:
     """Prepare the data, then the later stages; a finished stage says so and is skipped."""
     from llm360.data.prepare import prepare
+    from llm360.train.loop import train
 
     logger.info("stage 1: prepare")
     prepare(cfg, run_dir, workers=workers)
+    logger.info("stage 2: train")
+    train(cfg, run_dir)

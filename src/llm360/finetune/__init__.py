@@ -1,0 +1,33 @@
+"""Fine-tuning of pretrained checkpoints with TRL: SFT (AmberChat's recipe) and DPO (AmberSafe's).
+
+Front door: :func:`finetune` (``llm360 finetune sft|dpo``), or :func:`sft` / :func:`dpo`::
+
+    from llm360.finetune import sft, dpo
+    sft("runs/demo", "ckpt_005", "builtin:instructions")               # -> runs/demo/finetune/sft-ckpt_005
+    dpo("runs/demo", "sft-ckpt_005", "builtin:preferences")             # DPO on top of the SFT model
+
+Modules: :mod:`~llm360.finetune.config` (the ``finetune`` config section and its presets),
+:mod:`~llm360.finetune.records` (reading and checking JSONL/Parquet data),
+:mod:`~llm360.finetune.chat` (the plain-text chat template), :mod:`~llm360.finetune.builtin`
+(instruction and preference sets built from the embedded corpus), :mod:`~llm360.finetune.run`
+(training with TRL and the output folder with its lineage).
+"""
+
+# llm360.config first: RunConfig holds a FinetuneConfig, so llm360.config imports finetune.config itself
+# (after defining `Section`, which finetune.config needs); starting there keeps every import order working.
+import llm360.config  # noqa: F401  # isort: skip
+from llm360.finetune.config import PRESETS, DpoConfig, FinetuneConfig, SftConfig, finetune_config
+from llm360.finetune.run import FinetuneResult, dpo, finetune, resolve_base, sft
+
+__all__ = [
+    "PRESETS",
+    "DpoConfig",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "SftConfig",
+    "dpo",
+    "finetune",
+    "finetune_config",
+    "resolve_base",
+    "sft",
+]

@@ -1,0 +1,778 @@
+"""`llm360 finetune sft|dpo`: fine-tune a checkpoint with TRL and write the result into the run directory.
+
+::
+
+    <run>/finetune/<name>/          a Hugging Face model folder, complete or absent
+      config.json, generation_config.json, model.safetensors (fp32; safetensors only)
+      tokenizer.json, tokenizer_config.json, chat_template.jinja (the template it was trained with)
+      lineage.json                  base checkpoint + its COMPLETE.json sha256, data file + sha256,
+                                    the resolved config, chat template, library versions, summary
+      finetune.yaml                 the resolved config, every field documented
+      metrics.jsonl                 one line per logged optimizer step (step, loss, grad_norm, lr, ...)
+      train_data.jsonl              only for built-in data: the exact records trained on
+      trainer_state.json, rng_state.*, COMPLETE.json   as in every llm360 checkpoint
+
+The folder is written by :func:`llm360.train.checkpoint.save_checkpoint`: into a hidden temporary
+folder, fsynced, renamed, with ``COMPLETE.json`` (sha256 of every file) written last, so
+``verify_checkpoint`` and every stage that reads checkpoints (``llm360 eval``) treat it like one.
+While training, TRL's scratch files and the metrics live in ``finetune/.<name>.work-<pid>/``,
+removed at the end.
+
+Everything runs offline (no hub calls, no telemetry, no W&B) and on CPU in fp32; bf16 autocast is
+used only on a GPU that supports it, with fp32 weights saved either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm360.errors import CheckpointError, ConfigError, DataError, Llm360Error, RunDirError
+from llm360.finetune import builtin
+from llm360.finetune.config import DpoConfig, Kind, SftConfig, check_output_name
+from llm360.finetune.records import Records, load_records
+from llm360.paths import RunDir
+from llm360.utils import sha256_file
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_DIR = "finetune"
+LINEAGE_FILE = "lineage.json"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "finetune.yaml"
+BUILTIN_DATA_FILE = "train_data.jsonl"
+_MARKER = "COMPLETE.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_COPIED_FROM_BASE = ("llm360_model.json",)  # how llm360 reads the weights back (e.g. muP folded)
+_VERSIONED = ("llm360", "torch", "transformers", "trl", "datasets", "accelerate", "tokenizers", "safetensors")
+
+_OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "WANDB_MODE": "disabled",
+    "WANDB_DISABLED": "true",
+}
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced."""
+
+    folder: Path
+    """The output Hugging Face folder, finetune/<name>."""
+    kind: str
+    """sft or dpo."""
+    steps: int
+    """Optimizer steps taken."""
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    """The rows of metrics.jsonl."""
+    lineage: dict[str, Any] = field(default_factory=dict)
+    """The content of lineage.json."""
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+
+def finetune_dir(run_dir: str | Path) -> Path:
+    """``<run>/finetune``: where fine-tuned models go."""
+    return Path(run_dir) / FINETUNE_DIR
+
+
+def resolve_base(run_dir: str | Path, base: str | Path) -> Path:
+    """The checkpoint folder `base` names: a path, `ckpt_012`, `12`, `latest`, or a fine-tuned model's name.
+
+    Looked up, in order: as a path (absolute, or relative to the working directory or the run
+    directory), in ``checkpoints/``, in ``finetune/``. Raises CheckpointError listing what exists.
+    """
+    run = Path(run_dir)
+    rd = RunDir(run)
+    text = str(base)
+    if text == "latest":
+        from llm360.train.checkpoint import latest_complete_checkpoint
+
+        found = latest_complete_checkpoint(rd.checkpoints, include_steps=False, cleanup=False)
+        if found is None:
+            raise CheckpointError(f"--from latest: no complete checkpoint in {rd.checkpoints}")
+        return found
+    as_path = Path(text)
+    named = [rd.checkpoints / text, finetune_dir(run) / text, run / text]
+    if text.isdigit():
+        named.insert(0, rd.ckpt_dir(int(text)))
+    # A bare name means this run's checkpoint; something with a folder in it is a path first.
+    is_path = as_path.is_absolute() or len(as_path.parts) > 1
+    candidates = [as_path, *named] if is_path else [*named, as_path]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    have = (
+        sorted(p.name for p in rd.checkpoints.glob("ckpt_*") if p.is_dir()) if rd.checkpoints.is_dir() else []
+    )
+    tuned = sorted(p.name for p in finetune_dir(run).iterdir() if p.is_dir() and not p.name.startswith(".")) if finetune_dir(run).is_dir() else []  # fmt: skip
+    listing = ", ".join(have[:3] + (["..."] if len(have) > 4 else []) + have[3:][-1:]) if have else "none"
+    extra = f"; fine-tuned models: {', '.join(tuned)}" if tuned else ""
+    raise CheckpointError(
+        f"checkpoint {text!r} not found (looked for it as a path and in {rd.checkpoints} and "
+        f"{finetune_dir(run)}); checkpoints there: {listing}{extra}"
+    )
+
+
+def verify_base(folder: Path) -> str:
+    """Check that a checkpoint folder is complete and intact; returns the sha256 of its COMPLETE.json."""
+    if not (folder / _MARKER).is_file():
+        raise CheckpointError(
+            f"checkpoint {folder} is incomplete or not an llm360 checkpoint: it has no {_MARKER} (written last, "
+            "when a save finishes), so it will not be loaded"
+        )
+    from llm360.train.checkpoint import verify_checkpoint
+
+    verify_checkpoint(folder)  # every file's sha256 against the marker
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"checkpoint {folder} has no config.json, so it is not a Hugging Face model folder; "
+            "checkpoints written by `llm360 train` have one"
+        )
+    return sha256_file(folder / _MARKER)
+
+
+def _data_file(data: str | Path, kind: str, work: Path) -> tuple[Path, str | None]:
+    """(file to read, built-in set name or None); a built-in set is written into the work folder."""
+    text = str(data)
+    if not text.startswith(builtin.PREFIX):
+        return Path(text), None
+    name = text[len(builtin.PREFIX) :]
+    if name not in builtin.NAMES:
+        raise DataError(
+            f"unknown built-in data set {text!r}; there are {', '.join(builtin.PREFIX + n for n in builtin.NAMES)}"
+        )
+    if builtin.NAMES[name] != kind:
+        right = next(builtin.PREFIX + n for n, k in builtin.NAMES.items() if k == kind)
+        raise DataError(f"{text} is a {builtin.NAMES[name]} data set; for {kind} use {right}")
+    path = work / BUILTIN_DATA_FILE
+    path.write_bytes(builtin.to_jsonl(builtin.build(name)))
+    return path, name
+
+
+# -------------------------------------------------------------------------------------- entry
+
+
+def finetune(
+    kind: Kind,
+    run_dir: str | Path,
+    base: str | Path,
+    data: str | Path,
+    cfg: SftConfig | DpoConfig | None = None,
+    *,
+    force: bool = False,
+    device: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune checkpoint `base` of the run in `run_dir` on `data`, into ``<run>/finetune/<name>``.
+
+    - `kind`: ``sft`` (TRL SFTTrainer) or ``dpo`` (TRL DPOTrainer, the base checkpoint as reference).
+    - `base`: a checkpoint folder or its name (``ckpt_012``, ``12``, ``latest``, a fine-tuned model).
+    - `data`: a JSONL/Parquet file (shapes in :mod:`llm360.finetune.records`) or
+      ``builtin:instructions`` / ``builtin:preferences``.
+    - `cfg`: the run's ``finetune.sft`` / ``finetune.dpo`` section (default: AmberChat / AmberSafe).
+    - `force`: replace an existing output folder of the same name.
+    - `device`: ``cpu`` or ``cuda`` (pick the GPU with CUDA_VISIBLE_DEVICES); default: cuda when available.
+
+    Raises CheckpointError (missing, incomplete or unreadable base), DataError (data or tokenizer
+    unusable, with file, line and field), RunDirError (the output exists), ConfigError.
+    """
+    if kind not in ("sft", "dpo"):
+        raise ConfigError(f"unknown fine-tuning kind {kind!r}; use sft or dpo")
+    if cfg is None:
+        cfg = SftConfig() if kind == "sft" else DpoConfig()
+    expected = SftConfig if kind == "sft" else DpoConfig
+    if not isinstance(cfg, expected):
+        raise ConfigError(
+            f"{kind} needs a finetune.{kind} config ({expected.__name__}), got {type(cfg).__name__}"
+        )
+    with _offline_env():
+        return _finetune(kind, run_dir, base, data, cfg, force=force, device=device)
+
+
+@contextlib.contextmanager
+def _offline_env() -> Iterator[None]:
+    """No hub calls, no telemetry, no W&B while fine-tuning; the environment is restored afterwards."""
+    saved = {k: os.environ.get(k) for k in _OFFLINE_ENV}
+    os.environ.update(_OFFLINE_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _finetune(
+    kind: str,
+    run_dir: str | Path,
+    base: str | Path,
+    data: str | Path,
+    cfg: SftConfig | DpoConfig,
+    *,
+    force: bool,
+    device: str | None,
+) -> FinetuneResult:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RunDirError(f"run directory {run} does not exist")
+    base_dir = resolve_base(run, base)
+    marker_sha = verify_base(base_dir)
+    name = check_output_name(cfg.name or f"{kind}-{base_dir.name}")
+    cfg = cfg.model_copy(update={"name": name})  # the lineage records the resolved config
+    out_dir = finetune_dir(run) / name
+    if out_dir.exists() and not force:
+        raise RunDirError(
+            f"{out_dir} already exists; pass --force to replace it, or choose another name with "
+            f"--set finetune.{kind}.name=NEW_NAME"
+        )
+    if out_dir.resolve() == base_dir.resolve():
+        raise RunDirError(f"the output {out_dir} is the base checkpoint itself; choose another name")
+
+    _remove_stale_work(finetune_dir(run))
+    work = finetune_dir(run) / f".{name}.work-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        return _run(kind, run, base_dir, marker_sha, data, cfg, name, out_dir, work, device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_stale_work(folder: Path) -> None:
+    """Delete work folders (``.<name>.work-<pid>``) left by runs whose process is gone (a kill)."""
+    if not folder.is_dir():
+        return
+    for p in folder.glob(".*.work-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        logger.warning("removing %s, left by an interrupted fine-tuning run (pid %s)", p, pid)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def sft(
+    run_dir: str | Path, base: str | Path, data: str | Path, cfg: SftConfig | None = None, **kwargs: Any
+) -> FinetuneResult:
+    """Supervised fine-tuning (AmberChat's recipe by default); see :func:`finetune`."""
+    return finetune("sft", run_dir, base, data, cfg, **kwargs)
+
+
+def dpo(
+    run_dir: str | Path, base: str | Path, data: str | Path, cfg: DpoConfig | None = None, **kwargs: Any
+) -> FinetuneResult:
+    """Direct preference optimization (AmberSafe's recipe by default); see :func:`finetune`."""
+    return finetune("dpo", run_dir, base, data, cfg, **kwargs)
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+def _load_tokenizer(base_dir: Path, run: Path) -> tuple[Any, Path]:
+    from transformers import AutoTokenizer
+
+    for folder in (base_dir, RunDir(run).tokenizer):
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            try:
+                tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError, TypeError) as e:
+                raise DataError(f"cannot load the tokenizer in {folder}: {e}") from None
+            return tok, folder
+    raise DataError(
+        f"no tokenizer found: neither {base_dir} nor {RunDir(run).tokenizer} has tokenizer.json / tokenizer_config.json"
+    )
+
+
+def _load_model(folder: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load {folder} with transformers' AutoModelForCausalLM: {e}") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    return model  # the Trainer moves it (and the DPO reference) to the training device
+
+
+def _pick_device(device: str | None) -> str:
+    """cpu or cuda (the Trainer places the models; pick a GPU with CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: use cpu or cuda (choose the GPU with CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def _use_bf16(precision: str, device: str) -> bool:
+    import torch
+
+    if precision == "fp32" or device == "cpu":
+        if precision == "bf16" and device == "cpu":
+            logger.warning("precision=bf16 asked for on CPU; training in fp32 there")
+        return False
+    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise ConfigError("precision=bf16, but this GPU does not support bf16; use precision=fp32 or auto")
+    return supported
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _run(
+    kind: str,
+    run: Path,
+    base_dir: Path,
+    marker_sha: str,
+    data: str | Path,
+    cfg: SftConfig | DpoConfig,
+    name: str,
+    out_dir: Path,
+    work: Path,
+    device_arg: str | None,
+) -> FinetuneResult:
+    import torch
+
+    from llm360.finetune.chat import ensure_chat_template, template_sha256
+
+    t_start = time.time()
+    device = _pick_device(device_arg)
+    bf16 = _use_bf16(cfg.precision, device)
+    data_path, builtin_name = _data_file(data, kind, work)
+    records = load_records(data_path, kind, format=cfg.format, max_records=cfg.max_records)
+    for note in records.notes:
+        logger.info("%s: %s", data, note)
+
+    tokenizer, tok_dir = _load_tokenizer(base_dir, run)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if records.conversational:
+        template = ensure_chat_template(tokenizer, cfg.chat_template, where=str(tok_dir))
+    elif isinstance(getattr(tokenizer, "chat_template", None), str) and tokenizer.chat_template:
+        template = {
+            "source": "tokenizer (not used: plain-text records)",
+            "sha256": template_sha256(tokenizer.chat_template),
+        }
+    else:
+        template = {"source": "none (plain-text records)", "sha256": ""}
+
+    model = _load_model(base_dir)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    max_length = cfg.max_length or context or 1024
+    if context and max_length > context:
+        logger.warning(
+            "max_length %d exceeds the model's context (%d); using %d", max_length, context, context
+        )
+        max_length = context
+
+    logger.info(
+        "%s: %s from %s on %d records of %s (%s), %s, %s",
+        kind.upper(), name, base_dir, len(records.rows), data, records.shape, device, "bf16 autocast" if bf16 else "fp32",
+    )  # fmt: skip
+    metrics_path = work / METRICS_FILE
+    callback = _MetricsCallback(metrics_path, kind)
+    args_common = _training_args(cfg, work, device, bf16, max_length)
+    with _library_warnings_quiet():
+        trainer = _make_trainer(kind, cfg, model, tokenizer, records, args_common, callback, base_dir)
+    try:
+        with _library_warnings_quiet():
+            result = trainer.train()
+    except (ValueError, RuntimeError) as e:
+        if "out of memory" in str(e).lower():
+            raise Llm360Error(
+                f"{kind} ran out of memory: {e}; lower finetune.{kind}.micro_batch_size or max_length"
+            ) from None
+        raise
+    finally:
+        callback.close()
+    steps = int(trainer.state.global_step)
+
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in policy.state_dict().items()}
+    if getattr(policy.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # one matrix, stored once (as transformers does)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise Llm360Error(
+            f"{kind} diverged: non-finite weights after {steps} steps ({', '.join(bad[:3])}); nothing was written. "
+            f"Lower finetune.{kind}.lr (now {cfg.lr}); metrics are in {metrics_path}"
+        )
+
+    policy.config.use_cache = True  # the trainer turns the KV cache off; generation wants it on
+    hf_dir = work / "hf"
+    policy.config.save_pretrained(str(hf_dir))
+    if getattr(policy, "generation_config", None) is not None:
+        policy.generation_config.save_pretrained(str(hf_dir))
+    tokenizer.save_pretrained(str(hf_dir))
+    extra: dict[str, Any] = {p.name: p.read_bytes() for p in sorted(hf_dir.iterdir()) if p.is_file()}
+    for fname in _COPIED_FROM_BASE:
+        if (base_dir / fname).is_file() and fname not in extra:
+            extra[fname] = (base_dir / fname).read_bytes()
+    extra[METRICS_FILE] = metrics_path.read_bytes() if metrics_path.is_file() else b""
+    from llm360.config import to_yaml
+
+    extra[CONFIG_FILE] = to_yaml(cfg)
+    if builtin_name is not None:
+        extra[BUILTIN_DATA_FILE] = data_path.read_bytes()
+
+    metrics = [json.loads(line) for line in extra[METRICS_FILE].decode().splitlines() if line.strip()]
+    summary = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    lineage = _lineage(
+        kind=kind, name=name, run=run, base_dir=base_dir, marker_sha=marker_sha, data=data, records=records,
+        builtin_name=builtin_name, cfg=cfg, template=template, device=device, bf16=bf16, max_length=max_length,
+        steps=steps, epochs=float(trainer.state.epoch or 0.0), summary=summary, last=metrics[-1] if metrics else {},
+        seconds=time.time() - t_start,
+    )  # fmt: skip
+    extra[LINEAGE_FILE] = json.dumps(lineage, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    from llm360.train.checkpoint import save_checkpoint
+
+    trainer_state = {
+        "step": steps,
+        "kind": kind,
+        "epoch": float(trainer.state.epoch or 0.0),
+        "records": len(records.rows),
+        "base_checkpoint": lineage["base_checkpoint"]["path"],
+    }
+    save_checkpoint(out_dir, model_state=state, trainer_state=trainer_state, extra_files=extra)
+    logger.info("wrote %s (%d steps, %.0f s)", out_dir, steps, time.time() - t_start)
+    return FinetuneResult(out_dir, kind, steps, metrics, lineage)
+
+
+@contextlib.contextmanager
+def _library_warnings_quiet() -> Iterator[None]:
+    """Silence the deprecation notices transformers and TRL give about their own internals."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", category=FutureWarning, module=r"(transformers|trl|accelerate)(\.|$)"
+        )
+        warnings.filterwarnings(
+            "ignore", category=DeprecationWarning, module=r"(transformers|trl|accelerate)(\.|$)"
+        )
+        yield
+
+
+def _training_args(
+    cfg: SftConfig | DpoConfig, work: Path, device: str, bf16: bool, max_length: int
+) -> dict[str, Any]:
+    """TrainingArguments shared by SFT and DPO, from our config (offline, no TRL checkpoints, fp32 on CPU)."""
+    return {
+        "output_dir": str(work / "trainer"),
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps if cfg.max_steps is not None else -1,
+        "learning_rate": cfg.lr,
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        "per_device_train_batch_size": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.grad_clip if cfg.grad_clip is not None else 0.0,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "bf16": bf16,
+        "fp16": False,
+        "use_cpu": device == "cpu",
+        _checkpointing_arg(): cfg.gradient_checkpointing,
+        "logging_strategy": "steps",
+        "logging_steps": cfg.log_every,
+        "logging_first_step": True,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "push_to_hub": False,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": device != "cpu",
+        "max_length": max_length,
+    }
+
+
+def _checkpointing_arg() -> str:
+    """transformers >= 5.x calls it activation_checkpointing (gradient_checkpointing is a deprecated alias)."""
+    from transformers import TrainingArguments
+
+    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+def _make_trainer(
+    kind: str,
+    cfg: SftConfig | DpoConfig,
+    model: Any,
+    tokenizer: Any,
+    records: Records,
+    args: dict[str, Any],
+    callback: Any,
+    base_dir: Path,
+) -> Any:
+    import datasets
+
+    progress_was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.Dataset.from_list(records.rows)
+        if kind == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            assert isinstance(cfg, SftConfig)
+            assistant = cfg.loss_on == "assistant"
+            sft_args = SFTConfig(
+                **args,
+                assistant_only_loss=assistant and records.shape == "messages",
+                completion_only_loss=assistant if records.shape == "prompt_completion" else None,
+                packing=False,
+            )
+            try:
+                trainer = SFTTrainer(
+                    model=model,
+                    args=sft_args,
+                    train_dataset=dataset,
+                    processing_class=tokenizer,
+                    callbacks=[callback.callback],
+                )
+                return _quiet(trainer)
+            except (ValueError, RuntimeError) as e:
+                if "generation" in str(e) or "assistant" in str(e):
+                    raise DataError(
+                        f"loss_on=assistant needs a chat template that marks assistant turns with "
+                        f"{{% generation %}}: {e}. Use finetune.sft.chat_template=llm360 or finetune.sft.loss_on=all"
+                    ) from None
+                raise
+        from trl import DPOConfig as TrlDPOConfig
+        from trl import DPOTrainer
+
+        assert isinstance(cfg, DpoConfig)
+        dpo_args = TrlDPOConfig(
+            **args, beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing
+        )
+        reference = _load_model(base_dir)  # loaded here, offline, rather than by TRL from the hub id
+        reference.eval()
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=reference,
+            args=dpo_args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[callback.callback],
+        )
+        kept = len(trainer.train_dataset)
+        if kept == 0:
+            raise DataError(
+                f"every DPO record's prompt is at least max_length={args['max_length']} tokens long, so no answer "
+                f"token is left to compare; raise finetune.dpo.max_length or shorten the prompts"
+            )
+        if kept < len(records.rows):
+            logger.warning(
+                "%d of %d DPO records dropped: their prompt alone fills max_length=%d tokens",
+                len(records.rows) - kept, len(records.rows), args["max_length"],
+            )  # fmt: skip
+        return _quiet(trainer)
+    finally:
+        if progress_was_on:
+            datasets.enable_progress_bars()
+
+
+def _quiet(trainer: Any) -> Any:
+    """Drop transformers' stdout printer: our callback logs and writes the metrics."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+class _MetricsCallback:
+    """Writes one JSON line per logged optimizer step, in the project's metrics format, and logs a summary."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        from transformers import TrainerCallback
+
+        # Subclassing at run time keeps transformers out of this module's import.
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                outer._begin(state)
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                outer._task.advance(1)
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+                outer._log(state, logs or {})
+
+        self.callback = _CB()
+        self.path = path
+        self.kind = kind
+        self._writer: Any = None
+        self._t0 = time.perf_counter()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def _begin(self, state: Any) -> None:
+        from llm360.log import progress
+        from llm360.train.metrics import JsonlWriter
+
+        self._writer = JsonlWriter(self.path)
+        self._t0 = time.perf_counter()
+        self._progress = progress(f"{self.kind} fine-tuning", total=state.max_steps, unit="steps")
+        self._task = self._progress.__enter__()
+
+    def _log(self, state: Any, logs: dict[str, Any]) -> None:
+        if "loss" not in logs or self._writer is None:
+            return  # the end-of-training summary goes into lineage.json
+        row: dict[str, Any] = {"step": int(state.global_step) - 1}  # 0-based, as metrics/train.jsonl
+        for k, v in logs.items():
+            key = {"learning_rate": "lr", "num_tokens": "tokens_seen"}.get(k, k)
+            row[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        row["epoch"] = float(state.epoch or 0.0)
+        row["elapsed_s"] = round(time.perf_counter() - self._t0, 3)
+        self._writer.write(row)
+        loss = row.get("loss")
+        extra = ""
+        if "rewards/accuracies" in row:
+            extra = f" reward acc {row['rewards/accuracies']:.3f} margin {row.get('rewards/margins', float('nan')):.4f}"
+        logger.info(
+            "%s step %d/%d loss %s grad %s lr %.3g%s",
+            self.kind, row["step"], state.max_steps, _fmt(loss), _fmt(row.get("grad_norm")), row.get("lr", 0.0), extra,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+            self._progress = None
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+# ----------------------------------------------------------------------------------- lineage
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in _VERSIONED:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _rel(path: Path, run: Path) -> str:
+    try:
+        return path.resolve().relative_to(run.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _lineage(
+    *,
+    kind: str,
+    name: str,
+    run: Path,
+    base_dir: Path,
+    marker_sha: str,
+    data: str | Path,
+    records: Records,
+    builtin_name: str | None,
+    cfg: SftConfig | DpoConfig,
+    template: dict[str, str],
+    device: str,
+    bf16: bool,
+    max_length: int,
+    steps: int,
+    epochs: float,
+    summary: dict[str, Any],
+    last: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "path": _rel(base_dir, run),
+        "absolute_path": str(base_dir.resolve()),
+        "complete_json_sha256": marker_sha,
+    }
+    state_file = base_dir / "trainer_state.json"
+    if state_file.is_file():
+        try:
+            base["step"] = json.loads(state_file.read_text(encoding="utf-8")).get("step")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    if (base_dir / LINEAGE_FILE).is_file():  # fine-tuned from a fine-tuned model: keep the chain
+        base["lineage_sha256"] = sha256_file(base_dir / LINEAGE_FILE)
+        try:
+            base["lineage"] = json.loads((base_dir / LINEAGE_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    return {
+        "format": "llm360-finetune",
+        "version": 1,
+        "kind": kind,
+        "trainer": "trl.SFTTrainer" if kind == "sft" else "trl.DPOTrainer",
+        "name": name,
+        "base_checkpoint": base,
+        "data": {
+            "source": str(data),
+            "path": BUILTIN_DATA_FILE if builtin_name else str(records.path.resolve()),
+            "sha256": records.sha256,
+            "builtin": builtin_name,
+            "shape": records.shape,
+            "conversational": records.conversational,
+            "records_in_file": records.records_in_file,
+            "records_used": len(records.rows),
+            "notes": records.notes,
+        },
+        "config": cfg.model_dump(mode="json"),
+        "chat_template": template,
+        "max_length": max_length,
+        "device": device,
+        "precision": "bf16 autocast, fp32 weights" if bf16 else "fp32",
+        "steps": steps,
+        "epochs": epochs,
+        "final_metrics": last,
+        "summary": summary,
+        "seconds": round(seconds, 3),
+        "versions": _versions(),
+    }

@@ -1,0 +1,364 @@
+"""Fine-tuning with TRL: SFT and DPO on a tiny model, outputs as complete HF folders with lineage, bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import small_config
+from llm360.errors import CheckpointError, ConfigError, DataError, RunDirError
+from llm360.finetune import DpoConfig, SftConfig, builtin, dpo, finetune, finetune_config, sft
+from llm360.finetune.chat import CHAT_TEMPLATE, TEMPLATE_NAME, ensure_chat_template
+from llm360.finetune.records import load_records
+from llm360.train.checkpoint import save_checkpoint, verify_checkpoint
+
+# Few steps, one optimizer step per micro-batch: what the tests need, not the paper's recipe.
+FAST = {"micro_batch_size": 4, "gradient_accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 96}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _handmade_checkpoint(run: Path, name: str = "ckpt_000", tokenizer_overrides: dict | None = None) -> Path:
+    """A checkpoint as the trainer writes one: HF config + fp32 weights + tokenizer, through save_checkpoint."""
+    from llm360.config import ModelConfig
+    from llm360.model.hf import hf_config_dict
+    from llm360.model.llama import Llama
+
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    mcfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                       vocab_size=manifest["vocab_size"], max_seq_len=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = Llama(mcfg)
+    extra: dict = {"config.json": json.dumps(hf_config_dict(mcfg, eos_token_id=manifest["eos_id"]), indent=2)}
+    for f in sorted((run / "data" / "tokenizer").iterdir()):
+        extra[f.name] = f.read_bytes()
+    if tokenizer_overrides:
+        tc = json.loads(extra["tokenizer_config.json"])
+        tc.update(tokenizer_overrides)
+        extra["tokenizer_config.json"] = json.dumps(tc)
+    return save_checkpoint(run / "checkpoints" / name, model_state=model.state_dict(), trainer_state={"step": 0},
+                           extra_files=extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A 32-wide model gains nothing from intra-op threads, and on a busy 2-core machine they cost 3-5x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A prepared tiny run with checkpoints/ckpt_000 (from the trainer when it runs, else written like it)."""
+    from llm360.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("ft")
+    cfg = small_config(tmp, n_docs=120, chunks=2, seq_len=32)
+    run = tmp / "run"
+    prepare(cfg, run)
+    try:
+        from llm360.config import validate_config
+        from llm360.train.loop import train
+
+        raw = cfg.model_dump(mode="json")
+        raw["model"] = {"name": "tiny", "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+                        "max_seq_len": 128}  # fmt: skip
+        raw["train"] = {
+            "global_batch_sequences": 8,
+            "micro_batch_sequences": 8,
+            "warmup_steps": 1,
+            "max_chunks": 1,
+        }
+        train(validate_config(raw), run)
+        verify_checkpoint(run / "checkpoints" / "ckpt_000")
+    except (ImportError, AttributeError, TypeError, CheckpointError):  # the trainer's API is still settling
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        _handmade_checkpoint(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def sft_out(run_dir: Path):
+    return sft(run_dir, "ckpt_000", "builtin:instructions", SftConfig(max_steps=3, max_records=24, **FAST))
+
+
+# ------------------------------------------------------------------------------------------- SFT
+
+
+def test_sft_writes_a_complete_hugging_face_folder_with_lineage(run_dir: Path, sft_out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = run_dir / "finetune" / "sft-ckpt_000"
+    assert sft_out.folder == out and sft_out.steps == 3
+    verify_checkpoint(out)  # COMPLETE.json lists every file: `llm360 eval` treats it like any checkpoint
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "lineage.json",
+            "metrics.jsonl", "finetune.yaml", "train_data.jsonl", "COMPLETE.json"} <= files  # fmt: skip
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for f in files)
+    assert not [
+        p for p in (run_dir / "finetune").iterdir() if p.name.startswith(".")
+    ]  # no work/tmp leftovers
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float32
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "ckpt_000")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert not torch.allclose(model(ids).logits, base(ids).logits)
+    from llm360.model.hf import load_hf_folder
+    from llm360.model.llama import Llama
+
+    cfg, weights = load_hf_folder(out)  # llm360's own loader (what `llm360 eval` uses) reads it too
+    ours = Llama(cfg)
+    ours.load_state_dict(weights)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), model(ids).logits, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == CHAT_TEMPLATE
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|user|>\nhi\n<|assistant|>\n"
+    assert len(tok) == model.config.vocab_size  # plain-text markers: no token was added
+
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("loss", "grad_norm", "lr", "epoch"):
+        assert all(isinstance(r[key], float) for r in rows), key
+
+    lin = json.loads((out / "lineage.json").read_text())
+    base_dir = run_dir / "checkpoints" / "ckpt_000"
+    assert lin["kind"] == "sft" and lin["trainer"] == "trl.SFTTrainer"
+    assert lin["base_checkpoint"]["path"] == "checkpoints/ckpt_000"
+    assert lin["base_checkpoint"]["complete_json_sha256"] == sha256(base_dir / "COMPLETE.json")
+    assert lin["data"]["source"] == "builtin:instructions" and lin["data"]["path"] == "train_data.jsonl"
+    assert lin["data"]["sha256"] == sha256(out / "train_data.jsonl")
+    assert lin["data"]["records_used"] == 24 and lin["data"]["shape"] == "messages"
+    assert (
+        lin["config"]["name"] == "sft-ckpt_000"
+        and lin["config"]["lr"] == 1e-3
+        and lin["config"]["max_steps"] == 3
+    )
+    assert lin["chat_template"]["source"] == TEMPLATE_NAME
+    assert lin["steps"] == 3 and lin["precision"] == "fp32"
+    assert {"torch", "transformers", "trl", "llm360", "python"} <= set(lin["versions"])
+
+
+def test_sft_on_prompt_completion_jsonl_learns(run_dir: Path, tmp_path: Path):
+    rows = [
+        {"prompt": f"Say the word number {i}.", "completion": w}
+        for i, w in enumerate(["alpha", "beta", "gamma", "delta"])
+    ]
+    data = write_jsonl(tmp_path / "pc.jsonl", rows)
+    cfg = SftConfig(name="sft-pc", max_steps=12, **{**FAST, "lr": 1e-2})
+    res = finetune("sft", run_dir, run_dir / "checkpoints" / "ckpt_000", data, cfg)
+    losses = [r["loss"] for r in res.metrics]
+    assert len(losses) == 12 and losses[-1] < losses[0] * 0.8
+    lin = res.lineage
+    assert lin["data"]["path"] == str(data.resolve()) and lin["data"]["sha256"] == sha256(data)
+    assert lin["data"]["shape"] == "prompt_completion" and lin["data"]["notes"]  # strings wrapped as turns
+    assert not (res.folder / "train_data.jsonl").exists()  # a user's file is referenced, not copied
+
+
+# ------------------------------------------------------------------------------------------- DPO
+
+
+def _completion_logp(model, tok, prompt: list[dict], answer: list[dict], max_length: int) -> float:
+    p = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(prompt + answer, return_dict=True)["input_ids"][:max_length]
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    targets = ids[0, 1:]
+    token_logp = logp.gather(-1, targets[:, None])[:, 0]
+    return float(token_logp[len(p) - 1 :].sum())
+
+
+def test_dpo_raises_reward_accuracy_on_its_training_pairs(run_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = DpoConfig(max_steps=6, max_records=8, **{**FAST, "micro_batch_size": 8})
+    res = dpo(run_dir, "ckpt_000", "builtin:preferences", cfg)
+    first, last = res.metrics[0], res.metrics[-1]
+    # Step 0 is scored before any update: policy == reference, every reward is 0.
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and first["rewards/accuracies"] == 0.0
+    assert last["rewards/accuracies"] >= 0.75 and last["rewards/margins"] > first["rewards/margins"]
+    assert last["loss"] < first["loss"]
+
+    # Independently of TRL's bookkeeping: the implicit reward beta*(log pi - log pi_ref) prefers `chosen`.
+    out, base_dir = res.folder, run_dir / "checkpoints" / "ckpt_000"
+    verify_checkpoint(out)
+    policy, ref = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(out)
+    pairs = [load_records(out / "train_data.jsonl", "dpo").rows[i] for i in range(8)]
+    margins = []
+    for r in pairs:
+        lp = {k: _completion_logp(policy, tok, r["prompt"], r[k], 96) - _completion_logp(ref, tok, r["prompt"], r[k], 96)
+              for k in ("chosen", "rejected")}  # fmt: skip
+        margins.append(lp["chosen"] - lp["rejected"])
+    assert sum(m > 0 for m in margins) >= 6 and sum(margins) > 0
+    lin = res.lineage
+    assert lin["kind"] == "dpo" and lin["config"]["beta"] == 0.1 and lin["data"]["shape"] == "preference"
+
+
+def test_dpo_on_top_of_sft_keeps_the_chain(run_dir: Path, sft_out, tmp_path: Path):
+    rows = [{"prompt": "Pick one.", "chosen": "the right one", "rejected": "the wrong one"},
+            {"prompt": [{"role": "user", "content": "Again?"}], "chosen": "yes", "rejected": "no"}]  # fmt: skip
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    res = dpo(run_dir, "sft-ckpt_000", data, DpoConfig(max_steps=1, **FAST))
+    assert res.folder.name == "dpo-sft-ckpt_000"
+    base = res.lineage["base_checkpoint"]
+    assert base["path"] == "finetune/sft-ckpt_000"
+    assert base["complete_json_sha256"] == sha256(sft_out.folder / "COMPLETE.json")
+    assert base["lineage"]["base_checkpoint"]["path"] == "checkpoints/ckpt_000"
+    assert res.lineage["chat_template"]["source"] == "tokenizer"  # the SFT model's template, kept
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_incomplete_or_corrupt_checkpoints_are_refused(run_dir: Path):
+    with pytest.raises(CheckpointError, match=r"'ckpt_099' not found.*ckpt_000"):
+        sft(run_dir, "ckpt_099", "builtin:instructions")
+    half = run_dir / "checkpoints" / "ckpt_007"
+    shutil.copytree(run_dir / "checkpoints" / "ckpt_000", half)
+    try:
+        (half / "COMPLETE.json").unlink()
+        with pytest.raises(CheckpointError, match="incomplete"):
+            sft(run_dir, "ckpt_007", "builtin:instructions")
+        shutil.copy(run_dir / "checkpoints" / "ckpt_000" / "COMPLETE.json", half)
+        blob = bytearray((half / "model.safetensors").read_bytes())
+        blob[-1] ^= 0xFF
+        (half / "model.safetensors").write_bytes(bytes(blob))
+        with pytest.raises(CheckpointError, match="model.safetensors"):
+            sft(run_dir, "ckpt_007", "builtin:instructions")
+    finally:
+        shutil.rmtree(half)
+    assert not (run_dir / "finetune" / "sft-ckpt_007").exists()
+
+
+def test_data_in_the_wrong_shape_names_line_and_field(run_dir: Path, tmp_path: Path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"},
+                                              {"prompt": "e"}])  # fmt: skip
+    cfg = SftConfig(name="never-written")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 3: missing field 'completion'"):
+        sft(run_dir, "ckpt_000", bad, cfg)
+    prefs = write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}],
+    )
+    with pytest.raises(DataError, match=r"line 2: missing field 'rejected'"):
+        dpo(run_dir, "ckpt_000", prefs, DpoConfig(name="never-written"))
+    with pytest.raises(DataError, match=r"line 1: missing field 'completion'.*use `llm360 finetune dpo`"):
+        sft(run_dir, "ckpt_000", prefs, cfg)
+    msgs = write_jsonl(
+        tmp_path / "msgs.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}]
+    )
+    with pytest.raises(DataError, match=r"line 1: messages\[1\] has no 'content'"):
+        sft(run_dir, "ckpt_000", msgs, cfg)
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        load_records(tmp_path / "broken.jsonl", "sft")
+    with pytest.raises(DataError, match="does not exist"):
+        sft(run_dir, "ckpt_000", tmp_path / "nope.jsonl", cfg)
+    with pytest.raises(DataError, match="for sft use builtin:instructions"):
+        sft(run_dir, "ckpt_000", "builtin:preferences", cfg)
+    assert not (run_dir / "finetune" / "never-written").exists()
+    assert not [p for p in (run_dir / "finetune").iterdir() if p.name.startswith(".")]
+
+
+def test_tokenizer_without_chat_template_that_cannot_take_ours(run_dir: Path):
+    _handmade_checkpoint(run_dir, "ckpt_008", tokenizer_overrides={"eos_token": None, "pad_token": None})
+    try:
+        with pytest.raises(
+            DataError, match="has no chat template and llm360's plain-text one cannot be added: it has no EOS"
+        ):
+            sft(run_dir, "ckpt_008", "builtin:instructions", SftConfig(max_steps=1, **FAST))
+    finally:
+        shutil.rmtree(run_dir / "checkpoints" / "ckpt_008")
+
+
+def test_existing_output_needs_force(run_dir: Path, sft_out):
+    with pytest.raises(RunDirError, match="already exists; pass --force"):
+        sft(run_dir, "ckpt_000", "builtin:instructions")
+
+
+# ------------------------------------------------------------------------------ config, data, chat
+
+
+def test_defaults_are_the_papers_recipes_and_fields_override():
+    s, d = finetune_config("sft"), finetune_config("dpo")
+    assert (s.lr, s.epochs, s.warmup_ratio, s.gradient_accumulation) == (2e-5, 3.0, 0.04, 16)  # AmberChat
+    assert (d.beta, d.lr, d.gradient_accumulation) == (0.1, 5e-7, 4)  # AmberSafe
+    assert finetune_config("sft", preset="amberchat") == s and finetune_config("dpo", preset="ambersafe") == d
+    o = finetune_config("sft", overrides=["finetune.sft.lr=1e-4", "epochs=1", "finetune.dpo.beta=0.5"])
+    assert (o.lr, o.epochs) == (1e-4, 1.0)
+    with pytest.raises(ConfigError, match=r"beta.*\n.*DPO temperature"):
+        finetune_config("dpo", overrides=["beta=-1"])
+    with pytest.raises(ConfigError, match="is a dpo recipe"):
+        finetune_config("sft", preset="ambersafe")
+    with pytest.raises(ConfigError, match="plain folder name"):
+        finetune_config("sft", overrides=["name=../escape"])
+
+
+def test_builtin_sets_are_deterministic_and_well_formed(tmp_path: Path):
+    ins, prefs = builtin.build_instructions(), builtin.build_preferences()
+    assert builtin.to_jsonl(ins) == builtin.to_jsonl(builtin.build_instructions())
+    assert len(ins) >= 50 and len(prefs) >= 50
+    assert all(p["chosen"] != p["rejected"] for p in prefs)
+    path = tmp_path / "ins.jsonl"
+    path.write_bytes(builtin.to_jsonl(ins))
+    assert load_records(path, "sft").shape == "messages"
+    path.write_bytes(builtin.to_jsonl(prefs))
+    assert load_records(path, "dpo").conversational
+
+
+def test_records_parquet_sharegpt_and_raw(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c", "rejected": None}]),
+                   tmp_path / "prefs.parquet")  # fmt: skip
+    with pytest.raises(DataError, match=r"prefs.parquet, row 2: field 'rejected' must be a string"):
+        load_records(tmp_path / "prefs.parquet", "dpo")
+    sg = write_jsonl(
+        tmp_path / "sg.jsonl",
+        [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+    )
+    assert load_records(sg, "sft").rows[0]["messages"][1] == {"role": "assistant", "content": "a"}
+    with pytest.raises(DataError, match="set format=chat"):
+        load_records(sg, "sft", format="raw")
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "p", "completion": "c"}])
+    rec = load_records(raw, "sft", format="raw")
+    assert rec.rows == [{"prompt": "p", "completion": "c"}] and not rec.conversational
+
+
+def test_chat_template_splits_prompt_and_answer_on_a_token_boundary(run_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "data" / "tokenizer")
+    assert ensure_chat_template(tok, "auto", where="test")["source"] == TEMPLATE_NAME
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    answer = [{"role": "assistant", "content": "Four."}]
+    p = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(prompt + answer, return_dict=True, return_assistant_tokens_mask=True)
+    assert full["input_ids"][: len(p)] == p
+    masked = [i for i, m in zip(full["input_ids"], full["assistant_masks"], strict=True) if m]
+    assert tok.decode(masked) == "Four." + tok.eos_token  # the answer and its EOS are what SFT learns
