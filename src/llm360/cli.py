@@ -144,6 +144,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llm360.eval import EvalConfig, evaluate
+
+    cfg = _load_config(args).eval
+    flags = {"batch_size": args.batch_size, "device": args.device, "limit": args.limit,
+             "checkpoints": args.checkpoints}
+    if any(v is not None for v in flags.values()):
+        cfg = EvalConfig.model_validate({**cfg.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    result = evaluate(args.run_dir, args.tasks, cfg, watch=args.watch)
+    if result.rows:
+        columns = result.headline_columns()
+        table = Table(title=f"{args.run_dir}/eval: one metric per task (all in summary.csv)")
+        table.add_column("checkpoint")
+        table.add_column("step", justify="right")
+        for col in columns:
+            task, _, metric = col.rpartition("/")
+            table.add_column(f"{task}\n{metric}", justify="right", overflow="fold")
+        for row in result.rows[-args.show :]:
+            cells = [row["checkpoint"], "" if row["step"] is None else str(row["step"])]
+            table.add_row(*cells, *["" if row[c] is None else f"{row[c]:.4g}" for c in columns])
+        console.print(table)
+        if len(result.rows) > args.show:
+            console.print(f"(the last {args.show} of {len(result.rows)} checkpoints; --show N for more)")
+    for task, why in result.unavailable.items():
+        console.print(f"[yellow]not run[/] {escape(task)}: {escape(why)}", highlight=False)
+    for item in result.failed:
+        console.print(f"[red]failed[/] {item.checkpoint} / {escape(item.task)}: {escape(item.message)}",
+                      highlight=False)
+    console.print(f"{len(result.computed)} new result(s) in {args.run_dir}/eval")
+    return 130 if result.interrupted else (1 if result.failed else 0)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from llm360.config import load_config
     from llm360.finetune import finetune, finetune_config
@@ -220,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reset-optimizer", action="store_true", help="with --init-from: fresh AdamW state")
     sp.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("eval", help="evaluate every complete checkpoint (perplexity, lm-eval tasks), incrementally")
+    _add_config_args(sp, positional=False)
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--tasks", nargs="+", metavar="TASK", help="perplexity, presets openllm / code / demo, lm-eval "
+                    "task names (name:N for N-shot) or task .yaml files (default: the config's eval.tasks)")
+    sp.add_argument("--watch", action="store_true",
+                    help="keep evaluating checkpoints as training writes them, until it is finished (Ctrl-C stops)")
+    sp.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="only these checkpoints (ckpt_003 or 3)")
+    sp.add_argument("--batch-size", type=int, help="sequences per forward pass (eval.batch_size)")
+    sp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    sp.add_argument("--limit", type=int, help="only the first N examples of each lm-eval task (quick checks)")
+    sp.add_argument("--show", type=int, default=20, help="checkpoints shown in the console table")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("finetune", help="SFT or DPO (TRL) from any checkpoint, lineage kept")
     fsub = sp.add_subparsers(dest="kind", required=True)

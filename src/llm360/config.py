@@ -284,7 +284,8 @@ class TrainConfig(Section):
 
 # ---------------------------------------------------------------------------------------- run
 
-from llm360.finetune.config import FinetuneConfig  # noqa: E402  (needs Section, defined above)
+from llm360.eval.config import EvalConfig  # noqa: E402  (these need Section, defined above)
+from llm360.finetune.config import FinetuneConfig  # noqa: E402
 
 
 class RunConfig(Section):
@@ -298,6 +299,8 @@ class RunConfig(Section):
     """Model architecture."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimizer, schedule, precision, checkpointing and guards."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation of every checkpoint: tasks, batch size, device, watch mode."""
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     """Fine-tuning of checkpoints (`llm360 finetune sft|dpo`): AmberChat's SFT and AmberSafe's DPO recipes."""
 
@@ -377,6 +380,7 @@ def _preset_amber() -> dict:
             "valid_fraction": 0.001,
         },
         "model": {"name": "amber-7b"},
+        "eval": {"tasks": ["perplexity", "openllm"]},
         "train": {
             "global_batch_sequences": 2240,
             "micro_batch_sequences": 4,
@@ -428,6 +432,7 @@ def _preset_crystalcoder() -> dict:
             "valid_fraction": 0.001,
         },
         "model": {"name": "crystalcoder-7b"},
+        "eval": {"tasks": ["perplexity", "openllm", "code"]},
     }
 
 

@@ -19,3 +19,7 @@ def run_all(cfg: RunConfig, run_dir: Path, *, workers: int = 1) -> None:
     prepare(cfg, run_dir, workers=workers)
     logger.info("stage 2: train")
     train(cfg, run_dir)
+    from llm360.eval import evaluate
+
+    logger.info("stage 3: eval")
+    evaluate(run_dir, None, cfg.eval)

@@ -1121,14 +1121,16 @@ def _clean_leftovers(folder: Path) -> None:
 
 
 def latest_complete_checkpoint(
-    checkpoints_dir: str | Path, *, include_steps: bool = True, cleanup: bool = True
+    checkpoints_dir: str | Path, *, include_steps: bool = True, cleanup: bool = True, verify: bool = True
 ) -> Path | None:
     """The newest checkpoint under checkpoints_dir that verifies, or None.
 
     Candidates are ``ckpt_NNN`` and (with include_steps) ``steps/step_XXXXXXXX``, ordered by the
     ``step`` in their trainer_state.json (a chunk checkpoint wins a tie); the first one that passes
     :func:`verify_checkpoint` is returned. Folders without a marker or that fail verification are
-    skipped with a warning. With cleanup, leftovers of interrupted saves (``.<name>.tmp-<pid>`` /
+    skipped with a warning. ``verify=False`` checks the marker and the files' names and sizes but
+    does not hash them: use it when the result goes straight to :func:`load_checkpoint`, which
+    hashes every file anyway (and raises if one is corrupt). With cleanup, leftovers of interrupted saves (``.<name>.tmp-<pid>`` /
     ``.<name>.old-<pid>`` of processes that are gone) are resolved first: a moved-aside checkpoint
     whose replacement never arrived is renamed back, temporary folders are deleted. Call it from one
     process (rank 0) while no save is running.
@@ -1162,7 +1164,12 @@ def latest_complete_checkpoint(
             candidates.append((step, is_chunk, int(m.group(1)), e))
     for _, _, _, path in sorted(candidates, key=lambda c: c[:3], reverse=True):
         try:
-            verify_checkpoint(path)
+            if verify:
+                verify_checkpoint(path)
+            else:
+                problems = _listing_problems(path, _read_marker(path))
+                if problems:
+                    _fail(path, problems)
         except CheckpointError as err:
             logger.warning("skipping %s: %s", path, err)
             continue

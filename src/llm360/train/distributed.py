@@ -100,3 +100,65 @@ def parallelize(model: nn.Module, parallelism: str, info: DistInfo, activation_c
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and not hasattr(model, "lm_head") else model
+
+
+# ------------------------------------------------------------------------ FSDP2 state dicts
+# Checkpoints stay one consolidated format (safetensors keyed by parameter name) whatever the
+# parallelism: FSDP shards are gathered to full tensors on save and scattered again on load. That
+# keeps every file pickle-free (torch.distributed.checkpoint's .metadata is a pickle) and makes
+# resuming on a different world size the ordinary case.
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"state": {name: state}, "param_groups": [{hyperparameters, "params": [names]}]} of a plain model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {names[id(p)]: dict(st) for p, st in optimizer.state.items() if id(p) in names}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> None:
+    """Scatter a full, name-keyed optimizer state into the optimizer of a sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not named["state"]:
+        return
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, torch.optim.Optimizer, dict]:
+    """Full model state dict, and an AdamW over full CPU tensors holding the full optimizer state.
+
+    Collective: every rank must call it; only rank 0's return values are complete.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    if optimizer.state:
+        osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    else:
+        # get_optimizer_state_dict would initialise an empty state with a zero-lr step, which
+        # advances AdamW's step count and so changes every later update: save the empty state as is.
+        names = {id(p): n for n, p in model.named_parameters()}
+        osd = {"state": {}, "param_groups": [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+            for g in optimizer.param_groups]}
+    if not msd:
+        return {}, optimizer, {}
+    params = {n: torch.nn.Parameter(t, requires_grad=False) for n, t in msd.items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[n] for n in g["params"]]}
+              for g in osd["param_groups"]]
+    full_opt = type(optimizer)(groups)
+    for n, st in osd["state"].items():
+        full_opt.state[params[n]] = st
+    return msd, full_opt, {id(p): n for n, p in params.items()}

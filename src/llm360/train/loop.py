@@ -19,7 +19,7 @@ import os
 import resource
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,11 @@ from llm360.train.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    gather_full_state,
     init_distributed,
+    is_sharded,
+    load_full_optimizer_state,
+    named_optimizer_state,
     parallelize,
 )
 from llm360.train.metrics import MetricsLogger, truncate_jsonl_from_step
@@ -225,7 +229,13 @@ class Trainer:
                                data=str(data_dir))
         if world not in self.state.world_size_history:
             self.state.world_size_history.append(world)
+        named_opt = None
+        if tcfg.parallelism == "fsdp" and self.info.enabled:
+            named_opt = named_optimizer_state(self.model, self.optimizer)
         self.train_model = parallelize(self.model, tcfg.parallelism, self.info, tcfg.activation_checkpointing)
+        if named_opt is not None:  # FSDP2 replaced the parameters by shards: a new optimizer over them
+            self.optimizer = build_optimizer(self.model, tcfg)
+            load_full_optimizer_state(self.model, self.optimizer, named_opt)
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
         use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and self.info.device.type == "cuda")
@@ -289,13 +299,17 @@ class Trainer:
         state["total_steps"] = self.total_steps
         state["global_batch_sequences"] = self.tcfg.global_batch_sequences
         state["world_size"] = self.info.world_size
+        if is_sharded(self.model):
+            model_state, optimizer, names = gather_full_state(self.model, self.optimizer)
+        else:
+            model_state, optimizer, names = self.model.state_dict(), self.optimizer, self.model
         if self.info.is_main:
             t0 = time.perf_counter()
             ckpt.save_checkpoint(
                 target,
-                model_state=self.model.state_dict(),
-                optimizer=self.optimizer,
-                param_names=self.model,
+                model_state=model_state,
+                optimizer=optimizer,
+                param_names=names,
                 trainer_state=state,
                 rng_state=ckpt.capture_rng(),
                 extra_files=self._extra_files(),
@@ -382,75 +396,89 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_after_steps: int | None = None) -> dict:
         """Train to the end (or max_chunks); returns a summary. stop_after_steps: for tests."""
-        tcfg = self.tcfg
         if self.state.step == 0 and not (self.rd.checkpoints / "init").exists():
             self.save("init", chunk=-1)
         if self.state.step >= self.stop_step:
             logger.info("training is complete: %d of %d steps done (%s)", self.state.step, self.stop_step,
                         self.rd.checkpoints)
             return self.summary(done=True)
-        B, T = tcfg.global_batch_sequences, self.seq_len
         steps_run = 0
-        while self.state.step < self.stop_step:
-            step = self.state.step
-            loc = self.index.locate(step)
-            chunk = loc.chunk
-            n_in_chunk = self.index.steps_per_chunk[chunk]
-            t0 = time.perf_counter()
-            loss, gnorm = self.train_step(step)
-            finite = math.isfinite(loss) and math.isfinite(gnorm)
-            g = tcfg.guards
-            policy = None
-            reason = ""
-            if not finite:
-                policy, reason = g.nonfinite_policy, f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
-            elif g.spike_factor is not None and len(self.state.loss_window) >= min(g.spike_window, 10):
-                med = statistics.median(self.state.loss_window)
-                if loss > g.spike_factor * med:
-                    reason = f"loss spike: {loss:.4f} > {g.spike_factor} x median {med:.4f}"
-                    if g.spike_policy == "record":
-                        self.metrics.event("loss_spike", step=step, chunk=chunk, loss=loss, median=med)
-                    else:
-                        policy = g.spike_policy
-            if policy is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                if policy == "stop":
-                    self.metrics.event("stop", step=step, chunk=chunk, reason=reason, loss=loss, grad_norm=gnorm)
-                    raise TrainingStopped(
-                        f"{reason} at step {step} (chunk {index_name(chunk)}); policy is stop. The last complete "
-                        f"checkpoint is intact in {self.rd.checkpoints}"
-                    )
-                if policy == "skip_step":
-                    self.metrics.event("skip_step", step=step, chunk=chunk, reason=reason, loss=loss, grad_norm=gnorm)
-                    self.state.skipped_steps.append(step)
-                else:
-                    self._rollback(chunk, reason, policy)
-                    continue
-            else:
-                lr = lr_at(step, tcfg, self.total_steps)
-                set_lr(self.optimizer, lr)
-                self.optimizer.step()
-                self.state.loss_window = (self.state.loss_window + [loss])[-g.spike_window:]
-                self.state.chunk_loss_sum += loss
-                self.state.chunk_loss_steps += 1
-            self.state.step += 1
-            self.state.tokens_seen += B * T
-            dt = time.perf_counter() - t0
-            self._log(step, chunk, loc.step_in_chunk, n_in_chunk, loss, gnorm, dt)
-            steps_run += 1
-            if loc.step_in_chunk == n_in_chunk - 1:
-                self.state.last_chunk_done = chunk
-                self.save(f"ckpt_{index_name(chunk)}", chunk=chunk)
-                self.state.chunk_loss_sum, self.state.chunk_loss_steps = 0.0, 0
-                unused = self.index.unused_rows(chunk)
-                if unused:
-                    self.metrics.event("rows_unused", step=step, chunk=chunk, rows=unused,
-                                       reason="fewer than a global batch left at the end of the chunk")
-            elif tcfg.checkpoint_every_steps and self.state.step % tcfg.checkpoint_every_steps == 0:
-                self.save(f"step_{self.state.step:08d}", chunk=None)
-            if stop_after_steps is not None and steps_run >= stop_after_steps:
-                break
+        bars = ExitStack()
+        self._bar_chunk: int | None = None
+        try:
+            while self.state.step < self.stop_step:
+                self._one_step(bars)
+                steps_run += 1
+                if stop_after_steps is not None and steps_run >= stop_after_steps:
+                    break
+        finally:
+            bars.close()
         return self.summary(done=self.state.step >= self.stop_step)
+
+    def _guard_policy(self, step: int, chunk: int, loss: float, gnorm: float) -> tuple[str | None, str]:
+        """(policy to apply or None, reason) for this step's loss and gradient norm."""
+        g = self.tcfg.guards
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            return g.nonfinite_policy, f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
+        if g.spike_factor is not None and len(self.state.loss_window) >= min(g.spike_window, 10):
+            med = statistics.median(self.state.loss_window)
+            if loss > g.spike_factor * med:
+                reason = f"loss spike: {loss:.4f} > {g.spike_factor} x median {med:.4f}"
+                if g.spike_policy == "record":
+                    self.metrics.event("loss_spike", step=step, chunk=chunk, loss=loss, median=med)
+                    return None, reason
+                return g.spike_policy, reason
+        return None, ""
+
+    def _one_step(self, bars: ExitStack) -> None:
+        """Run the step at self.state.step with its guards, logging and checkpoints."""
+        tcfg = self.tcfg
+        step = self.state.step
+        loc = self.index.locate(step)
+        chunk = loc.chunk
+        n_in_chunk = self.index.steps_per_chunk[chunk]
+        if chunk != self._bar_chunk:  # one progress bar per chunk
+            bars.close()
+            self._bar = bars.enter_context(progress(f"chunk {index_name(chunk)}", total=n_in_chunk, unit="steps"))
+            self._bar.advance(loc.step_in_chunk)
+            self._bar_chunk = chunk
+        t0 = time.perf_counter()
+        loss, gnorm = self.train_step(step)
+        policy, reason = self._guard_policy(step, chunk, loss, gnorm)
+        if policy is None:
+            set_lr(self.optimizer, lr_at(step, tcfg, self.total_steps))
+            self.optimizer.step()
+            self.state.loss_window = (self.state.loss_window + [loss])[-tcfg.guards.spike_window :]
+            self.state.chunk_loss_sum += loss
+            self.state.chunk_loss_steps += 1
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            if policy == "stop":
+                self.metrics.event("stop", step=step, chunk=chunk, reason=reason, loss=loss, grad_norm=gnorm)
+                raise TrainingStopped(
+                    f"{reason} at step {step} (chunk {index_name(chunk)}); policy is stop. The last complete "
+                    f"checkpoint is intact in {self.rd.checkpoints}"
+                )
+            if policy != "skip_step":
+                self._rollback(chunk, reason, policy)
+                self._bar_chunk = None
+                return
+            self.metrics.event("skip_step", step=step, chunk=chunk, reason=reason, loss=loss, grad_norm=gnorm)
+            self.state.skipped_steps.append(step)
+        self.state.step += 1
+        self.state.tokens_seen += tcfg.global_batch_sequences * self.seq_len
+        self._log(step, chunk, loc.step_in_chunk, n_in_chunk, loss, gnorm, time.perf_counter() - t0)
+        self._bar.advance(1)
+        if loc.step_in_chunk == n_in_chunk - 1:
+            self.state.last_chunk_done = chunk
+            self.save(f"ckpt_{index_name(chunk)}", chunk=chunk)
+            self.state.chunk_loss_sum, self.state.chunk_loss_steps = 0.0, 0
+            unused = self.index.unused_rows(chunk)
+            if unused:
+                self.metrics.event("rows_unused", step=step, chunk=chunk, rows=unused,
+                                   reason="fewer than a global batch left at the end of the chunk")
+        elif tcfg.checkpoint_every_steps and self.state.step % tcfg.checkpoint_every_steps == 0:
+            self.save(f"step_{self.state.step:08d}", chunk=None)
 
     def _log(self, step: int, chunk: int, k: int, n: int, loss: float, gnorm: float, dt: float) -> None:
         tcfg = self.tcfg
@@ -500,8 +528,7 @@ def train(
                       reset_optimizer=reset_optimizer, device=device)
     try:
         trainer.setup()
-        with progress("training", total=None, unit="steps"):
-            return trainer.fit(stop_after_steps=stop_after_steps)
+        return trainer.fit(stop_after_steps=stop_after_steps)
     except torch.OutOfMemoryError:
         raise Llm360Error(
             f"out of memory with train.micro_batch_sequences = {cfg.train.micro_batch_sequences}: lower it "

@@ -1,0 +1,44 @@
+"""Evaluation of every checkpoint: held-out perplexity and lm-eval tasks, incrementally.
+
+Front door: :func:`evaluate` (``llm360 eval``). Pieces:
+
+* :mod:`llm360.eval.runner` -- checkpoints x tasks, one result file per pair, summary, watch mode;
+* :mod:`llm360.eval.perplexity` -- mean token NLL on each source's held-out rows;
+* :mod:`llm360.eval.adapter` -- :class:`LLM360LM`, lm-eval's ``llm360`` model running our Llama;
+* :mod:`llm360.eval.harness` -- lm-eval task discovery, offline checks, running one task;
+* :mod:`llm360.eval.specs` -- task names, the ``openllm`` and ``demo`` presets;
+* ``llm360/eval/tasks/`` -- the demo tasks (lm-eval YAML + JSONL), made by :mod:`llm360.eval.demo`.
+
+lm-eval is imported only when an lm-eval task runs, so ``perplexity`` alone does not need it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm360.eval.config import EvalConfig
+from llm360.eval.demo import TASKS_DIR
+from llm360.eval.runner import EvalTable, ItemError, evaluate, list_checkpoints, training_finished
+from llm360.eval.specs import PRESETS, TaskSpec, resolve_tasks
+
+__all__ = [
+    "PRESETS",
+    "TASKS_DIR",
+    "EvalConfig",
+    "EvalTable",
+    "ItemError",
+    "LLM360LM",
+    "TaskSpec",
+    "evaluate",
+    "list_checkpoints",
+    "resolve_tasks",
+    "training_finished",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LLM360LM":  # imports lm-eval (and registers the `llm360` model type)
+        from llm360.eval.adapter import LLM360LM
+
+        return LLM360LM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

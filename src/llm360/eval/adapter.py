@@ -1,0 +1,302 @@
+"""lm-eval's view of an llm360 model: the ``llm360`` model type, running our Llama in-process.
+
+lm-eval does the prompting and the scoring; this class only answers its three kinds of request
+with our model, exactly as lm-eval's own ``hf`` model (``HFLM``) would with transformers':
+
+* ``loglikelihood`` -- (context, continuation) -> (sum of log p(continuation), is it greedy);
+  context and continuation are encoded together and split (``TemplateLM``), the pair is cut to
+  the last ``max_length + 1`` tokens, batches are sorted by length and padded on the right.
+* ``loglikelihood_rolling`` -- the log-likelihood of a whole text in windows of ``max_length``
+  tokens, each token predicted once (lm-eval's rolling windows).
+* ``generate_until`` -- greedy continuation with the KV cache (``Llama.generate_greedy``) until a
+  stop string, EOS or ``max_gen_toks``. Prompts are batched when they have the same length (our
+  cache has no padding mask); generation runs in segments of doubling length so that a batch stops
+  soon after its last row hits a stop string, and rows that are done leave the batch.
+
+The tokenizer is ``transformers.AutoTokenizer`` on the checkpoint folder, the one ``HFLM`` loads,
+so both models see the same token ids. ``tests/test_eval.py`` checks the two give the same scores.
+
+Use it directly (``simple_evaluate(model=LLM360LM("run/checkpoints/ckpt_003"), ...)``), or by name
+once this module is imported: ``lm_eval.api.registry.get_model("llm360")``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from llm360.errors import ConfigError
+from llm360.eval.loading import load_llama, load_tokenizer, resolve_device
+from llm360.log import progress
+from llm360.model.llama import Llama
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+_FIRST_SEGMENT = 32
+"""New tokens generated before the first look for stop strings; segments then double."""
+
+
+@register_model("llm360")
+class LLM360LM(TemplateLM):
+    """An llm360 Llama as an lm-eval model (see the module docstring)."""
+
+    def __init__(
+        self,
+        pretrained: str | os.PathLike[str] | None = None,
+        *,
+        model: Llama | None = None,
+        tokenizer: str | os.PathLike[str] | Any | None = None,
+        batch_size: int | str | None = 16,
+        device: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        **unused: Any,
+    ) -> None:
+        """Load ``pretrained`` (a checkpoint or Hugging Face folder), or wrap a loaded ``model``.
+
+        ``tokenizer`` is a folder or a loaded transformers tokenizer; default: ``pretrained``.
+        ``max_length`` defaults to the model's ``max_seq_len``. ``batch_size`` is in sequences.
+        """
+        super().__init__()
+        unused = {k: v for k, v in unused.items() if v is not None and k != "max_batch_size"}
+        if unused:
+            logger.warning("llm360 lm-eval model: ignoring unknown arguments %s", sorted(unused))
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ConfigError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+            dtype = _DTYPES[dtype]
+        self._device = resolve_device(device)
+        if model is None:
+            if pretrained is None:
+                raise ConfigError("the llm360 lm-eval model needs `pretrained` (a checkpoint folder) or `model`")
+            model = load_llama(pretrained, self._device, dtype)
+        else:
+            model = model.to(device=self._device, dtype=dtype).eval()
+        self.model = model
+        if tokenizer is None:
+            if pretrained is None:
+                raise ConfigError("the llm360 lm-eval model needs a `tokenizer` when given a loaded `model`")
+            tokenizer = pretrained
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        if self.tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no EOS token; lm-eval needs one to end generations")
+        self.pretrained = str(pretrained) if pretrained is not None else None
+        if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
+            logger.warning("llm360 lm-eval model: batch_size=%s is not supported, using 16", batch_size)
+            batch_size = 16
+        self._batch_size = max(1, int(batch_size))  # type: ignore[arg-type]
+        self._max_length = int(max_length or model.cfg.max_seq_len or 2048)
+        self._max_gen_toks = int(max_gen_toks)
+        self._warned_sampling = False
+
+    # ------------------------------------------------------------------ properties lm-eval reads
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        # Conditioning token for an empty context: BOS when the tokenizer has one, else EOS (as HFLM).
+        bos = self.tokenizer.bos_token_id
+        return int(bos) if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "llm360")).replace("/", "__")
+
+    def get_model_info(self) -> dict:
+        """What lm-eval records about the model in its results."""
+        return {
+            "model_class": "llm360.model.llama.Llama",
+            "checkpoint": self.pretrained,
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(next(self.model.parameters()).dtype),
+            "max_length": self.max_length,
+        }
+
+    # ------------------------------------------------------------------ tokens
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """Token ids of string; special tokens as the tokenizer adds them unless told (as HFLM)."""
+        special: dict[str, bool] = {}
+        if add_special_tokens is not None:
+            special["add_special_tokens"] = add_special_tokens
+        elif string.startswith(self.tokenizer.decode([self.prefix_token_id])):
+            special["add_special_tokens"] = False  # the text already starts with the prefix token
+        ids = self.tokenizer.encode(string, **special)
+        left = kwargs.get("left_truncate_len")
+        return ids[-left:] if left else ids
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        # generate_until prompts: as HFLM's tok_batch_encode (no extra BOS when the text has one)
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and text.startswith(bos):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text)
+
+    # ------------------------------------------------------------------ loglikelihood
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """lm-eval's encoding of (context, continuation) pairs, then ours; no tqdm (we show progress)."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    @torch.no_grad()
+    def _logprobs(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.model(ids_BT).float(), dim=-1)
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether every continuation token is the argmax)."""
+        n = len(requests)
+        # longest first: the first batch shows the worst-case memory, as in HFLM
+        order = sorted(range(n), key=lambda i: (-len(requests[i][1]) - len(requests[i][2]), i))
+        bs = override_bs or self.batch_size
+        out: list[tuple[float, bool] | None] = [None] * n
+        L = self.max_length
+        with progress("loglikelihood", total=n, unit="requests") as bar:
+            for start in range(0, n, bs):
+                batch = order[start : start + bs]
+                inputs: list[list[int]] = []
+                for i in batch:
+                    _, ctx, cont = requests[i]
+                    if not ctx or not cont:
+                        raise ValueError("loglikelihood request with an empty context or continuation")
+                    if len(cont) > L:
+                        raise ValueError(
+                            f"an answer of {len(cont)} tokens does not fit the model's context of {L} tokens "
+                            "(model.max_seq_len); this task needs a model with a longer context"
+                        )
+                    inputs.append((ctx + cont)[-(L + 1) :][:-1])
+                width = max(len(x) for x in inputs)
+                ids_BT = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, x in enumerate(inputs):
+                    ids_BT[row, : len(x)] = torch.tensor(x)  # right padding: earlier positions never see it
+                logp_BTV = self._logprobs(ids_BT.to(self.device))
+                for row, i in enumerate(batch):
+                    key, _, cont = requests[i]
+                    inplen, contlen = len(inputs[row]), len(cont)
+                    logp_CV = logp_BTV[row, inplen - contlen : inplen]
+                    cont_C = torch.tensor(cont, device=logp_CV.device)
+                    greedy = bool((logp_CV.argmax(dim=-1) == cont_C).all())
+                    answer = (float(logp_CV.gather(1, cont_C[:, None]).sum()), greedy)
+                    out[i] = answer
+                    if key is not None:
+                        self.cache_hook.add_partial("loglikelihood", key, answer)
+                bar.advance(len(batch))
+        return out  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole text, in disjoint windows of at most max_length tokens."""
+        windows: list[tuple[None, list[int], list[int]]] = []
+        owner: list[int] = []
+        for r, req in enumerate(requests):
+            (text,) = req.args
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1,
+            )):  # fmt: skip
+                windows.append((None, ctx, cont))
+                owner.append(r)
+        scores = self._loglikelihood_tokens(windows)
+        totals = [0.0] * len(requests)
+        for r, (ll, _) in zip(owner, scores, strict=True):
+            totals[r] += ll
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, cut at the first stop string (``until``, EOS) or max_gen_toks."""
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        buckets: dict[tuple[str, int], list[int]] = defaultdict(list)
+        prepared: list[tuple[list[int], list[str], int]] = []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            if kwargs.get("do_sample") and not self._warned_sampling:
+                logger.warning("llm360 lm-eval model generates greedily; do_sample/temperature are ignored")
+                self._warned_sampling = True
+            max_ctx = self.max_length - max_gen
+            if max_ctx <= 0:
+                raise ValueError(
+                    f"the task asks for up to {max_gen} new tokens, but the model's context is only "
+                    f"{self.max_length} tokens; lower the task's max_gen_toks"
+                )
+            ids = self._encode_prompt(context)[-max_ctx:] or [self.prefix_token_id]
+            prepared.append((ids, until, max_gen))
+            buckets[(repr((sorted(until), max_gen)), len(ids))].append(i)
+        out: list[str | None] = [None] * len(requests)
+        with progress("generate", total=len(requests), unit="requests") as bar:
+            for (_, _), members in sorted(buckets.items(), key=lambda kv: -kv[0][1]):
+                for start in range(0, len(members), self.batch_size):
+                    batch = members[start : start + self.batch_size]
+                    _, until, max_gen = prepared[batch[0]]
+                    texts = self._generate([prepared[i][0] for i in batch], until, max_gen)
+                    for i, text in zip(batch, texts, strict=True):
+                        out[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    bar.advance(len(batch))
+        return out  # type: ignore[return-value]
+
+    def _stopped(self, new_ids: list[int], until: list[str]) -> bool:
+        if self.eot_token_id in new_ids:
+            return True
+        text = self.tok_decode(new_ids, skip_special_tokens=False)
+        return any(s and s in text for s in until)
+
+    def _generate(self, prompts: list[list[int]], until: list[str], max_gen: int) -> list[str]:
+        """Greedy continuation of equal-length prompts, each cut at its first stop."""
+        new: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        produced, segment = 0, _FIRST_SEGMENT
+        while active and produced < max_gen:
+            step = min(segment, max_gen - produced)
+            ids_BT = torch.tensor([prompts[r] + new[r] for r in active], device=self.device)
+            gen_BS = self.model.generate_greedy(ids_BT, step)[:, -step:].tolist()
+            for r, ids in zip(active, gen_BS, strict=True):
+                new[r].extend(ids)
+            produced += step
+            segment *= 2
+            active = [r for r in active if not self._stopped(new[r], until)]
+        texts = []
+        for ids in new:
+            if self.eot_token_id in ids:
+                ids = ids[: ids.index(self.eot_token_id)]
+            texts.append(postprocess_generated_text(self.tok_decode(ids), until, None))
+        return texts
