@@ -191,6 +191,31 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    from llm360.release.build import release
+
+    out = args.out or str(Path(args.run_dir) / "release")
+    release(args.run_dir, out, force=args.force, link=not args.copy)
+    console.print(f"[green]release written[/] to {out} (MODEL_CARD.md, SHA256SUMS); check it with "
+                  f"`llm360 verify {out}`")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from llm360.release.verify import verify
+
+    rep = verify(args.release, replay=args.replay or [], rederive_data=args.rederive)
+    for line in rep.passed:
+        console.print(f"[green]ok[/]   {escape(line)}", highlight=False, soft_wrap=True)
+    for line in rep.problems:
+        console.print(f"[red]FAIL[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if rep.ok:
+        console.print(f"[bold green]{args.release} verifies[/]")
+        return 0
+    console.print(f"[bold red]{len(rep.problems)} problem(s)[/] in {args.release}")
+    return 1
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from llm360.config import to_yaml
 
@@ -282,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
         fp.add_argument("--device", choices=["cpu", "cuda"])
         fp.set_defaults(func=cmd_finetune, preset=None)
 
+    sp = sub.add_parser("release", help="assemble a verifiable release: data, checkpoints, metrics, card, SHA256SUMS")
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--out", help="release folder (default RUN_DIR/release)")
+    sp.add_argument("--force", action="store_true", help="replace an existing release folder")
+    sp.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+    sp.set_defaults(func=cmd_release)
+
+    sp = sub.add_parser("verify", help="check a release: checksums, completeness, replay chunks, rederive data")
+    sp.add_argument("release", help="release folder")
+    sp.add_argument("--replay", type=int, nargs="+", metavar="I", help="re-train chunk I from ckpt_{I-1} and compare")
+    sp.add_argument("--rederive", action="store_true", help="rebuild the data from the raw sources and compare")
+    sp.set_defaults(func=cmd_verify)
+
     sp = sub.add_parser("config", help="show the resolved config with every field documented")
     csub = sp.add_subparsers(dest="what", required=True)
     cs = csub.add_parser("show")
@@ -307,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Llm360Error as e:
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: nothing half-written is kept; run the same command to resume")

@@ -32,7 +32,7 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------------------- data
 
 
-SourceKind = Literal["jsonl", "parquet", "text", "hf_dataset", "llm360", "embedded"]
+SourceKind = Literal["jsonl", "parquet", "text", "hf_dataset", "llm360", "embedded", "snapshot"]
 EmbeddedPart = Literal["code", "docs", "package-docs", "licenses"]
 
 
@@ -40,7 +40,7 @@ class SourceConfig(Section):
     name: str
     """Source name used in the manifest, provenance, metrics and mix (e.g. `code`, `c4`)."""
     kind: SourceKind = "jsonl"
-    """Reader: jsonl (.jsonl, .jsonl.gz, .jsonl.zst), parquet, text (one document per file), hf_dataset (a `save_to_disk` folder), llm360 (pre-tokenized `{"token_ids": [...], "source": ...}` rows, order kept) or embedded (the built-in corpus)."""
+    """Reader: jsonl (.jsonl, .jsonl.gz, .jsonl.zst), parquet, text (one document per file), hf_dataset (a `save_to_disk` folder), llm360 (pre-tokenized `{"token_ids": [...], "source": ...}` rows, order kept) embedded (the built-in corpus) or snapshot (data/sources/<name>.jsonl.gz of a run or release)."""
     paths: list[str] = Field(default_factory=list)
     """Files, folders or glob patterns, read in sorted order; relative paths are relative to the working directory."""
     text_field: str = "text"

@@ -440,6 +440,8 @@ class Preparer:
                     if rej.detail:
                         rec["detail"] = rej.detail[:500]
                     table_w.write(_jsonl(rec))
+                    if snap_w is not None:
+                        snap_w.write(_jsonl({"id": rej.doc_id, "rejected": rej.reason, "detail": rej.detail[:500]}))
                     continue
                 if kind == "row":
                     row: TokenRow = item[2]

@@ -132,6 +132,8 @@ def iter_source(
         return _chain(_iter_text(src.name, p, *limits) for p in entries)
     if src.kind == "hf_dataset":
         return _chain(_iter_hf_dataset(src.name, p, src.text_field, *limits) for p in entries)
+    if src.kind == "snapshot":
+        return _chain(_iter_snapshot(src.name, p, *limits) for p in entries)
     raise DataError(f"source '{src.name}': unknown kind {src.kind!r}")
 
 
@@ -365,6 +367,25 @@ def _iter_lines(path: Path, limit: int = -1) -> Iterator[tuple[int, bytes, int]]
 
 
 # ------------------------------------------------------------------------------ shared checks
+
+
+def _iter_snapshot(name: str, path: Path, max_chars: int, min_chars: int) -> Iterator[Document | Rejected]:
+    """A source snapshot written by prepare: every item again, under its original id.
+
+    Lines are ``{"id", "text"}`` for documents and ``{"id", "rejected", "detail"}`` for items the
+    original reader rejected, so re-preparing from a snapshot numbers and splits every document
+    exactly as the original run did.
+    """
+    for lineno, line, _ in _iter_lines(path):
+        try:
+            obj = json.loads(line)
+            doc_id = obj["id"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: not a source snapshot line ({e})") from None
+        if "rejected" in obj:
+            yield Rejected(name, doc_id, str(obj["rejected"]), str(obj.get("detail", "")))
+        else:
+            yield _check_text(name, doc_id, obj["text"], max_chars, min_chars)
 
 
 def _check_text(name: str, doc_id: str, text: str, max_chars: int, min_chars: int) -> Document | Rejected:

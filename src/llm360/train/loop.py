@@ -148,6 +148,8 @@ class Trainer:
         self.reset_optimizer = reset_optimizer
         self._explicit_data = Path(data_dir) if data_dir else None
         self._injected: set[int] = set()
+        self.replay_skip_steps: set[int] = set()
+        """Steps to skip as the original run's guards did (set by `llm360 verify --replay`)."""
         inject = os.environ.get(INJECT_ENV, "")
         self._inject_steps = {int(s) for s in inject.split(",") if s.strip()}
 
@@ -418,6 +420,8 @@ class Trainer:
     def _guard_policy(self, step: int, chunk: int, loss: float, gnorm: float) -> tuple[str | None, str]:
         """(policy to apply or None, reason) for this step's loss and gradient norm."""
         g = self.tcfg.guards
+        if step in self.replay_skip_steps:
+            return "skip_step", "skipped in the original run (replayed)"
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             return g.nonfinite_policy, f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
         if g.spike_factor is not None and len(self.state.loss_window) >= min(g.spike_window, 10):

@@ -1,0 +1,283 @@
+"""`llm360 verify RELEASE [--replay I ...] [--rederive]`: check a release independently.
+
+* **Integrity**: every file in SHA256SUMS is present with its hash, and nothing else is there.
+* **Consistency**: the config's data hash matches the manifest's; every checkpoint's marker
+  verifies and its trainer state names the same data; every trained chunk has its checkpoint.
+* **Replay** (``--replay I``): re-train chunk I from ``ckpt_{I-1}`` (``init`` for I = 0) on the
+  released chunk and compare with ``ckpt_I`` tensor by tensor — weights and optimizer state:
+  bitwise in deterministic CPU mode, else the largest difference against a stated tolerance.
+  Skipped steps, skipped chunks and reseeded chunks recorded in the checkpoint are replayed too.
+* **Rederive** (``--rederive``): rebuild the data from the raw source snapshots (or the original
+  files) and the config, and compare every chunk, provenance, validation and tokenizer file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llm360.config import load_config
+from llm360.errors import CheckpointError, Llm360Error
+from llm360.log import progress
+from llm360.paths import index_name
+from llm360.release.build import SUMS, ReleaseError, read_sums
+from llm360.utils import sha256_file
+
+logger = logging.getLogger(__name__)
+
+REPLAY_ATOL = 1e-5
+"""Largest absolute difference accepted per tensor when a replay cannot be bitwise (GPU, non-deterministic)."""
+
+
+@dataclass
+class VerifyReport:
+    """What was checked, and every mismatch found (each names its file or tensor)."""
+
+    release: Path
+    problems: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+    replays: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_sums(root: Path, report: VerifyReport) -> None:
+    if not (root / SUMS).is_file():
+        report.problems.append(f"{SUMS} is missing: cannot check the release's files")
+        return
+    try:
+        sums = read_sums(root)
+    except ReleaseError as e:
+        report.problems.append(str(e))
+        return
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {SUMS}
+    bad = 0
+    with progress("checking sha256", total=len(sums), unit="files") as bar:
+        for rel, h in sums.items():
+            p = root / rel
+            if not p.is_file():
+                report.problems.append(f"missing file: {rel} (listed in {SUMS})")
+                bad += 1
+            elif sha256_file(p) != h:
+                report.problems.append(f"sha256 mismatch: {rel}")
+                bad += 1
+            bar.advance(1)
+    for rel in sorted(present - set(sums)):
+        report.problems.append(f"unlisted file: {rel} (not in {SUMS})")
+        bad += 1
+    if not bad:
+        report.passed.append(f"{len(sums)} files match {SUMS}, none extra")
+
+
+def _check_consistency(root: Path, report: VerifyReport) -> None:
+    from llm360.train.checkpoint import verify_checkpoint
+
+    try:
+        cfg = load_config(root / "config.yaml")
+    except Llm360Error as e:
+        report.problems.append(f"config.yaml: {e}")
+        return
+    try:
+        manifest = json.loads((root / "data" / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        report.problems.append(f"data/manifest.json is unreadable: {e}")
+        return
+    if manifest.get("config_hash") != cfg.data_hash():
+        report.problems.append("config.yaml's data section does not match data/manifest.json (config hash "
+                               f"{cfg.data_hash()[:12]} vs {str(manifest.get('config_hash'))[:12]})")
+    for rel, meta in (manifest.get("files") or {}).items():
+        p = root / "data" / rel
+        if p.is_file() and sha256_file(p) != meta.get("sha256"):
+            report.problems.append(f"data/{rel} does not match its sha256 in data/manifest.json")
+    n_chunks = int(manifest.get("num_chunks", 0))
+    trained = n_chunks if cfg.train.max_chunks is None else min(n_chunks, cfg.train.max_chunks)
+    missing = [i for i in range(trained) if not (root / "checkpoints" / f"ckpt_{index_name(i)}").is_dir()]
+    if missing:
+        report.problems.append("chunks without a checkpoint: " + ", ".join(f"ckpt_{index_name(i)}" for i in missing))
+    ok_ckpts = 0
+    for c in sorted((root / "checkpoints").glob("*")):
+        if not c.is_dir():
+            continue
+        try:
+            verify_checkpoint(c)
+        except CheckpointError as e:
+            report.problems.append(f"checkpoints/{c.name}: {e}")
+            continue
+        try:
+            state = json.loads((c / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            report.problems.append(f"checkpoints/{c.name}/trainer_state.json unreadable: {e}")
+            continue
+        if state.get("data_config_hash") not in (None, manifest.get("config_hash")) and not state.get("data_dir"):
+            report.problems.append(f"checkpoints/{c.name} was trained on other data (hash "
+                                   f"{str(state.get('data_config_hash'))[:12]})")
+            continue
+        ok_ckpts += 1
+    if not missing:
+        report.passed.append(f"all {trained} trained chunks have a checkpoint; {ok_ckpts} checkpoints verify")
+
+
+# ------------------------------------------------------------------------------------ replay
+
+
+def _compare_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str, exact: bool,
+                     problems: list[str]) -> float:
+    worst = 0.0
+    for name in sorted(set(a) | set(b)):
+        if name not in a or name not in b:
+            problems.append(f"{what}: tensor {name} is only in {'the release' if name in b else 'the replay'}")
+            continue
+        x, y = a[name], b[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            problems.append(f"{what}: {name} is {tuple(x.shape)} {x.dtype} in the replay, "
+                            f"{tuple(y.shape)} {y.dtype} in the release")
+            continue
+        if torch.equal(x, y):
+            continue
+        diff = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+        worst = max(worst, diff)
+        if exact or diff > REPLAY_ATOL:
+            problems.append(f"{what}: {name} differs (max abs diff {diff:.3g})")
+    return worst
+
+
+def replay_chunk(root: Path, i: int) -> dict:
+    """Re-train chunk i of a release from its previous checkpoint; compare with ckpt_i."""
+    from safetensors.torch import load_file
+
+    from llm360.train.loop import Trainer, read_trainer_state
+
+    target = root / "checkpoints" / f"ckpt_{index_name(i)}"
+    result: dict = {"chunk": i, "problems": []}
+    if not target.is_dir():
+        result["problems"].append(f"replay {i}: {target.name} is not in the release")
+        return result
+    cfg = load_config(root / "config.yaml")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "max_chunks": i + 1, "checkpoint_every_steps": None, "tensorboard": False, "wandb": "off"})})
+    state_i = read_trainer_state(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"llm360-replay-{index_name(i)}-"))
+    try:
+        (tmp / "checkpoints").mkdir()
+        os.symlink((root / "data").resolve(), tmp / "data")
+        if i > 0:
+            prev = root / "checkpoints" / f"ckpt_{index_name(i - 1)}"
+            if not prev.is_dir():
+                result["problems"].append(f"replay {i}: ckpt_{index_name(i - 1)} is not in the release")
+                return result
+            shutil.copytree(prev, tmp / "checkpoints" / prev.name)
+        trainer = Trainer(cfg, tmp, device="cpu" if cfg.train.deterministic else None)
+        try:
+            trainer.setup()
+            if i == 0 and (root / "checkpoints" / "init").is_dir():
+                init = load_file(str(root / "checkpoints" / "init" / "model.safetensors"))
+                _compare_tensors(trainer.model.state_dict(), init, "init weights (from the seed)", True,
+                                 result["problems"])
+            if i in state_i.get("skipped_chunks", []):
+                # the chunk was skipped by a guard: its checkpoint must hold the previous weights
+                trainer.save(f"ckpt_{index_name(i)}", chunk=i)
+                result["skipped_chunk"] = True
+            else:
+                reseeds = state_i.get("chunk_reseeds", {}).get(str(i))
+                if reseeds:
+                    trainer.state.chunk_reseeds[str(i)] = reseeds
+                lo, hi = int(trainer.index.first_step[i]), int(trainer.index.first_step[i + 1])
+                trainer.replay_skip_steps = {s for s in state_i.get("skipped_steps", []) if lo <= s < hi}
+                trainer.fit()
+        finally:
+            trainer.close()
+        replayed = tmp / "checkpoints" / target.name
+        exact = bool(cfg.train.deterministic) and trainer.info.device.type == "cpu"
+        result["mode"] = "bitwise" if exact else f"max abs diff <= {REPLAY_ATOL}"
+        worst = _compare_tensors(load_file(str(replayed / "model.safetensors")),
+                                 load_file(str(target / "model.safetensors")),
+                                 f"replay {i} weights", exact, result["problems"])
+        worst = max(worst, _compare_tensors(load_file(str(replayed / "optimizer.safetensors")),
+                                            load_file(str(target / "optimizer.safetensors")),
+                                            f"replay {i} optimizer state", exact, result["problems"]))
+        result["max_abs_diff"] = worst
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- rederive
+
+
+def rederive(root: Path) -> list[str]:
+    """Rebuild the data from the raw sources and the config; the files that differ (empty: all equal)."""
+    from llm360.config import validate_config
+    from llm360.data.prepare import prepare
+
+    cfg = load_config(root / "config.yaml")
+    raw = cfg.model_dump(mode="json")
+    problems: list[str] = []
+    for src in raw["data"]["sources"]:
+        snap = root / "data" / "sources" / f"{src['name']}.jsonl.gz"
+        if snap.is_file():
+            src.update({"kind": "snapshot", "paths": [str(snap)], "embedded": None, "snapshot": False})
+        elif src["kind"] == "embedded":
+            problems.append(f"source {src['name']}: embedded corpus without a snapshot in data/sources")
+    if problems:
+        return problems
+    tok = raw["data"]["tokenizer"]
+    if tok["kind"] == "file" and tok.get("path") and not Path(tok["path"]).exists():
+        tok["path"] = str(root / "data" / "tokenizer")
+    cfg2 = validate_config(raw)
+    tmp = Path(tempfile.mkdtemp(prefix="llm360-rederive-"))
+    try:
+        try:
+            prepare(cfg2, tmp / "run")
+        except Llm360Error as e:
+            return [f"rederive failed: {e}"]
+        new, old = tmp / "run" / "data", root / "data"
+        compared = 0
+        for p in sorted(old.rglob("*")):
+            rel = p.relative_to(old).as_posix()
+            if not p.is_file() or rel == "manifest.json" or rel.startswith("sources/"):
+                continue
+            q = new / rel
+            if not q.is_file():
+                problems.append(f"rederive: data/{rel} was not produced again")
+            elif sha256_file(p) != sha256_file(q):
+                problems.append(f"rederive: data/{rel} differs from the rebuilt one")
+            compared += 1
+        if not problems:
+            logger.info("rederived %d data files: all identical", compared)
+        return problems
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify(release_dir: str | Path, *, replay: list[int] | None = None, rederive_data: bool = False) -> VerifyReport:
+    """Check a release (or a run directory with a SHA256SUMS); see the module docstring."""
+    root = Path(release_dir)
+    if not root.is_dir():
+        raise ReleaseError(f"{root} is not a folder")
+    report = VerifyReport(root)
+    _check_sums(root, report)
+    _check_consistency(root, report)
+    for i in replay or []:
+        res = replay_chunk(root, i)
+        report.replays.append(res)
+        if res["problems"]:
+            report.problems.extend(res["problems"])
+        else:
+            report.passed.append(f"replay of chunk {index_name(i)}: {res.get('mode')} match "
+                                 f"(max abs diff {res.get('max_abs_diff', 0.0):.3g})")
+    if rederive_data:
+        probs = rederive(root)
+        report.problems.extend(probs)
+        if not probs:
+            report.passed.append("data rederived from the raw sources: every chunk, provenance, validation, "
+                                 "document and tokenizer file is identical")
+    return report

@@ -1,0 +1,148 @@
+"""Release and verify: a release holds everything, verifies, replays bitwise, and every flip is caught."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from llm360.cli import main as cli_main
+from llm360.data.prepare import prepare
+from llm360.release.build import SUMS, is_pickle, release
+from llm360.release.verify import verify
+from llm360.train.loop import INJECT_ENV, train
+from test_train import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rel")
+    cfg = tiny_run_config(tmp)
+    prepare(cfg, tmp / "run")
+    train(cfg, tmp / "run")
+    return cfg, tmp / "run"
+
+
+def test_release_contains_everything_and_verifies(trained, tmp_path: Path):
+    _, run = trained
+    out = release(run, tmp_path / "rel", link=False)
+    for rel in ("config.yaml", "data/manifest.json", "data/chunk_000.npy", "data/provenance_000.npy",
+                "checkpoints/init/model.safetensors", "checkpoints/ckpt_002/optimizer.safetensors",
+                "metrics/train.jsonl", "code.json", "MODEL_CARD.md", SUMS):
+        assert (out / rel).is_file(), rel
+    assert not any(is_pickle(p) for p in out.rglob("*") if p.is_file())
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| Optimizer checkpoints | ✓ yes" in card and "| Hidden size | 32 |" in card
+    code = json.loads((out / "code.json").read_text())
+    assert code["llm360_version"] and "torch" in code["packages"]
+    rep = verify(out, replay=[0, 2])
+    assert rep.ok, rep.problems
+    assert all(r["mode"] == "bitwise" and r["max_abs_diff"] == 0.0 for r in rep.replays)
+    # the transparency table is read from the files: drop the optimizer states and it says so
+    for p in out.glob("checkpoints/*/optimizer.safetensors"):
+        p.unlink()
+    from llm360.release.card import write_model_card
+
+    assert "| Optimizer checkpoints | ✗ no" in write_model_card(out).read_text()
+
+
+def test_every_flipped_byte_is_caught_and_named(trained, tmp_path: Path):
+    _, run = trained
+    out = release(run, tmp_path / "rel", link=False)
+    rng = random.Random(1)
+    targets = ["data/chunk_001.npy", "data/manifest.json", "data/provenance_000.npy",
+               "checkpoints/ckpt_001/model.safetensors", "checkpoints/ckpt_002/optimizer.safetensors",
+               "checkpoints/ckpt_000/trainer_state.json", "config.yaml"]
+    for rel in targets:
+        p = out / rel
+        data = bytearray(p.read_bytes())
+        pos = rng.randrange(len(data))
+        data[pos] ^= 1 << rng.randrange(8)
+        p.write_bytes(bytes(data))
+        rep = verify(out)
+        assert not rep.ok
+        assert any(rel in prob for prob in rep.problems), (rel, rep.problems)
+        data[pos] ^= 0  # keep the flip: later files are checked with earlier flips still present
+    # a missing file and an extra file are named too
+    (out / "metrics" / "train.jsonl").unlink()
+    (out / "extra.txt").write_text("x")
+    probs = verify(out).problems
+    assert any("missing file: metrics/train.jsonl" in p for p in probs)
+    assert any("unlisted file: extra.txt" in p for p in probs)
+
+
+def test_replay_detects_a_tampered_checkpoint(trained, tmp_path: Path):
+    import torch
+
+    from llm360.model.llama import Llama, resolve_model_config
+    from llm360.release.build import write_sums
+    from llm360.train import checkpoint as ckpt
+    from llm360.train.optim import build_optimizer
+
+    cfg, run = trained
+    out = release(run, tmp_path / "rel", link=False)
+    # re-save ckpt_001 with nudged weights and a valid marker and SHA256SUMS: only a replay can tell
+    folder = out / "checkpoints" / "ckpt_001"
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    model = Llama(resolve_model_config(cfg.model, vocab, cfg.data.seq_len))
+    opt = build_optimizer(model, cfg.train)
+    res = ckpt.load_checkpoint(folder, model, opt)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-3)
+    extra = {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in ckpt.RESERVED}
+    ckpt.save_checkpoint(folder, model_state=model.state_dict(), optimizer=opt, param_names=model,
+                         trainer_state=res["trainer_state"], rng_state=res["rng_state"], extra_files=extra)
+    write_sums(out)
+    assert verify(out).ok  # integrity alone cannot see it
+    rep = verify(out, replay=[1])
+    assert not rep.ok
+    assert any("lm_head.weight differs" in p for p in rep.problems), rep.problems
+
+
+def test_replay_follows_recorded_skips(tmp_path: Path, monkeypatch):
+    cfg = tiny_run_config(tmp_path, guards={"nonfinite_policy": "skip_step"})
+    prepare(cfg, tmp_path / "run")
+    monkeypatch.setenv(INJECT_ENV, "20")
+    train(cfg, tmp_path / "run")
+    monkeypatch.delenv(INJECT_ENV)
+    out = release(tmp_path / "run", tmp_path / "rel")
+    rep = verify(out, replay=[1])
+    assert rep.ok, rep.problems
+
+
+def test_rederive_rebuilds_identical_data_from_snapshots(tmp_path: Path):
+    from conftest import make_docs, write_jsonl
+    from llm360.config import validate_config
+
+    a = write_jsonl(tmp_path / "a.jsonl", make_docs(60, seed=9))
+    with open(a, "a") as f:
+        f.write("not json\n")
+    raw = {"data": {"seq_len": 16, "chunks": 2, "tokenizer": {"vocab_size": 300},
+                    "sources": [{"name": "a", "paths": [str(a)], "snapshot": True}]},
+           "model": {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2},
+           "train": {"global_batch_sequences": 32, "micro_batch_sequences": 32}}
+    cfg = validate_config(raw)
+    prepare(cfg, tmp_path / "run")
+    train(cfg, tmp_path / "run")
+    out = release(tmp_path / "run", tmp_path / "rel")
+    a.unlink()  # the raw files are gone: the snapshot in the release is enough
+    rep = verify(out, rederive_data=True)
+    assert rep.ok, rep.problems
+    assert any("rederived" in p for p in rep.passed)
+
+
+def test_cli_release_and_verify(trained, tmp_path: Path, capsys):
+    _, run = trained
+    out = str(tmp_path / "rel")
+    assert cli_main(["--no-progress", "release", "--run-dir", str(run), "--out", out, "--copy"]) == 0
+    assert cli_main(["--no-progress", "release", "--run-dir", str(run), "--out", out]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["--no-progress", "verify", out]) == 0
+    p = Path(out) / "data" / "chunk_000.npy"
+    b = bytearray(p.read_bytes())
+    b[200] ^= 0xFF
+    p.write_bytes(bytes(b))
+    assert cli_main(["--no-progress", "verify", out]) == 1
+    assert "sha256 mismatch: data/chunk_000.npy" in capsys.readouterr().err
