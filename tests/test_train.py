@@ -258,3 +258,18 @@ def test_init_from_checkpoint_on_other_data(tmp_path: Path, prepared):
     assert_same_weights(src, init)
     ev = read_jsonl(tmp_path / "branch" / "metrics" / "events.jsonl")
     assert ev[0]["event"] == "init_from" and ev[0]["optimizer"] == "reset"
+
+
+def test_tensorboard_sink_and_missing_wandb_is_a_clear_error(tmp_path: Path):
+    import importlib.util
+
+    cfg = tiny_run_config(tmp_path, tensorboard=True, max_chunks=1)
+    prepare(cfg, tmp_path / "run")
+    train(cfg, tmp_path / "run")
+    events = list((tmp_path / "run" / "metrics" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    if importlib.util.find_spec("wandb") is None:
+        cfg2 = tiny_run_config(tmp_path, wandb="offline")
+        prepare(cfg2, tmp_path / "run2")
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            train(cfg2, tmp_path / "run2")
