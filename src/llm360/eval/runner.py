@@ -111,6 +111,13 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def list_models(run_dir: str | Path) -> list[Path]:
+    """Every model to evaluate: the chunk checkpoints in order, then fine-tuned models (finetune/<name>)."""
+    ft = RunDir(run_dir).root / "finetune"
+    tuned = sorted(p for p in ft.iterdir() if p.is_dir() and not p.name.startswith(".")) if ft.is_dir() else []
+    return list_checkpoints(run_dir) + tuned
+
+
 def _verify(folder: Path) -> None:
     """Full check of a checkpoint: its marker and every listed file's size and sha256."""
     from llm360.train.checkpoint import verify_checkpoint
@@ -246,8 +253,10 @@ class _Results:
         keyed: dict[str, list[str]] = {}
         tasks_meta: dict[str, dict[str, Any]] = {}
         if self.root.is_dir():
+            # chunk checkpoints in chunk order, then fine-tuned models by name
             ckpt_dirs = sorted(
-                (int(m.group(1)), p) for p in self.root.iterdir() if (m := _CKPT_RE.fullmatch(p.name)) and p.is_dir()
+                ((0, int(m.group(1)), p.name) if (m := _CKPT_RE.fullmatch(p.name)) else (1, 0, p.name), p)
+                for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
             )
             for _, d in ckpt_dirs:
                 for f in sorted(d.glob("*.json")):
@@ -370,7 +379,7 @@ class _Evaluator:
     def one_pass(self) -> set[str]:
         """Evaluate what is pending on every complete checkpoint; returns the complete checkpoints seen."""
         complete: set[str] = set()
-        for folder in _selected(list_checkpoints(self.rd.root), self.cfg.checkpoints):
+        for folder in _selected(list_models(self.rd.root), self.cfg.checkpoints):
             name = folder.name
             if not (folder / MARKER).is_file():
                 self._announce(name, f"still being written (no {MARKER} yet); it is evaluated once complete")
