@@ -362,3 +362,15 @@ def test_eval_evaluates_fine_tuned_models_like_checkpoints(run_dir: Path, sft_ou
     names = [r["checkpoint"] for r in table.rows]
     assert "ckpt_000" in names and "sft-ckpt_000" in names
     assert (run_dir / "eval" / "sft-ckpt_000" / "perplexity.json").is_file()
+
+
+def test_release_carries_fine_tuned_models_with_lineage(run_dir: Path, sft_out, tmp_path: Path):
+    from llm360.release.build import release
+    from llm360.release.verify import verify
+
+    out = release(run_dir, tmp_path / "rel", link=False)
+    assert (out / "finetune" / "sft-ckpt_000" / "lineage.json").is_file()
+    card = (out / "MODEL_CARD.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| sft-ckpt_000 |"))
+    assert "trl.SFTTrainer" in row and "ckpt_000" in row
+    assert verify(out).ok

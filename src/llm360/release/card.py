@@ -137,13 +137,19 @@ def write_model_card(root: Path) -> Path:
         lines.append("No events: no skipped steps, rollbacks or resumes.")
     fts = sorted(root.glob("finetune/*/lineage.json"))
     if fts:
-        lines += ["", "## Fine-tuned models", "", "| model | base checkpoint | data sha256 |", "| --- | --- | --- |"]
+        lines += ["", "## Fine-tuned models", "",
+                  "| model | method | base checkpoint | base marker sha256 | data | data sha256 | steps |",
+                  "| --- | --- | --- | --- | --- | --- | ---: |"]
         for p in fts:
             lin = _read_json(p) or {}
-            base = lin.get("base") or {}
+            base = lin.get("base_checkpoint") or {}
             data = lin.get("data") or {}
-            lines.append(f"| {p.parent.name} | {base.get('path', base) if isinstance(base, dict) else base} | "
-                         f"{str(data.get('sha256', ''))[:16] if isinstance(data, dict) else ''} |")
+            base_name = Path(str(base.get("path", ""))).name if isinstance(base, dict) else str(base)
+            lines.append(
+                f"| {p.parent.name} | {lin.get('trainer', lin.get('kind', ''))} | {base_name} | "
+                f"{str(base.get('complete_json_sha256', ''))[:16]} | {data.get('source', '')} | "
+                f"{str(data.get('sha256', ''))[:16]} | {lin.get('steps', '')} |"
+            )
     lines += [
         "", "## Files", "",
         "Each `checkpoints/ckpt_NNN` folder is a Hugging Face model folder "

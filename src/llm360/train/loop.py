@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm360.config import RunConfig, stable_hash, to_yaml
+from llm360.config import RunConfig, save_config, stable_hash, to_yaml
 from llm360.data.store import DataStore, StepIndex
 from llm360.errors import CheckpointError, ConfigError, Llm360Error
 from llm360.log import progress
@@ -229,6 +229,8 @@ class Trainer:
             self.metrics.event("init_from", step=0, checkpoint=str(self.init_from),
                                optimizer="reset" if self.reset_optimizer else "kept",
                                data=str(data_dir))
+        if self.info.is_main:  # the run directory's config is the one training runs with
+            save_config(self.cfg, self.rd.config)
         if world not in self.state.world_size_history:
             self.state.world_size_history.append(world)
         named_opt = None
