@@ -79,13 +79,12 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def measure(
-    name: str,
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module], torch.Tensor],
     a: argparse.Namespace,
     device: torch.device,
-) -> float:
-    """Median tokens/s of forward + backward + AdamW steps; returns it."""
+) -> tuple[float, list[float]]:
+    """Median tokens/s of forward + backward + AdamW steps, and the losses of every step."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     times, losses = [], []
     for i in range(a.warmup + a.steps):
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         run = torch.compile(model, backend=a.compile_backend) if compiled else model
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        tps, losses = measure(name, run, loss_fn, a, device)
+        tps, losses = measure(run, loss_fn, a, device)
         mem = (
             f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
             if device.type == "cuda"

@@ -1,12 +1,14 @@
 """Tokens/s of one training step: llm360's Llama vs transformers' LlamaForCausalLM, same run.
 
 One step = forward + backward + AdamW step, same config, same weights, same batch, same optimizer
-settings, on CPU by default. The two models alternate step by step (ours first on even steps,
-theirs first on odd ones), so load from other processes hits both alike; medians and bests are
-printed, with the ratio of each.
+settings, on CPU by default, in fp32 and under bf16 autocast (fp32 weights, as Amber trained).
+The two models alternate step by step (ours first on even steps, theirs first on odd ones), so
+load from other processes hits both alike; medians and bests are printed, with their ratios, in
+wall-clock tokens/s and in tokens per CPU-second. On a shared machine, `--threads 1` and the
+CPU-second figures are the steadiest: two OpenMP threads stall whenever one is descheduled.
 
-    .venv/bin/python bench/train.py                       # fp32, hidden 384, 4 layers, seq 256, batch 8
-    .venv/bin/python bench/train.py --dtype bf16          # both under torch.autocast(bfloat16)
+    .venv/bin/python bench/train.py                       # hidden 384, 4 layers, seq 256, batch 8
+    .venv/bin/python bench/train.py --threads 1 --dtype bf16
     .venv/bin/python bench/train.py --preset tiny --steps 3
 """
 

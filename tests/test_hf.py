@@ -165,3 +165,10 @@ def test_import_rejects_weights_that_do_not_fit(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match="gpt2"):
         load_hf_folder(tmp_path / "hf")
+
+
+def test_export_refuses_weights_of_another_config(tmp_path):
+    model = model_of(tiny())
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        save_hf_folder(model, tiny(intermediate_size=128), tmp_path / "hf", eos_token_id=0)
+    assert not (tmp_path / "hf" / "model.safetensors").exists()

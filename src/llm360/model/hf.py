@@ -194,12 +194,15 @@ def hf_metadata_files(
 
 
 def _plain_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    sd = (
-        model_or_state_dict.state_dict()
-        if isinstance(model_or_state_dict, nn.Module)
-        else model_or_state_dict
-    )
-    return dict(sd.items())
+    """A new dict of the state, without the prefixes torch.compile and DDP add to every name."""
+    if isinstance(model_or_state_dict, nn.Module):
+        model_or_state_dict = model_or_state_dict.state_dict()
+    out = {}
+    for name, t in model_or_state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            name = name.removeprefix(prefix)
+        out[name] = t
+    return out
 
 
 def save_hf_folder(
@@ -215,7 +218,7 @@ def save_hf_folder(
 ) -> Path:
     """Write ``config.json``, ``model.safetensors`` (fp32, contiguous) and ``llm360_model.json``.
 
-    The folder loads with ``AutoModelForCausalLM.from_pretrained``. With ``fold`` (default) muP
+    Takes a model or a full (unsharded) state dict. The folder loads with ``AutoModelForCausalLM.from_pretrained``. With ``fold`` (default) muP
     is folded into the weights so transformers reproduces our logits; options transformers cannot
     express are warned about (or raise ConfigError if strict) but the folder is still written.
     Each file is written atomically; the folder itself is not (write it to a temporary name).
@@ -224,6 +227,7 @@ def save_hf_folder(
 
     folder = Path(folder)
     sd = _plain_state_dict(model_or_state_dict)
+    _check_keys(sd, cfg, folder, what="the model config given")
     mup_folded = bool(fold and cfg.mup is not None and not cfg.tie_embeddings)
     if mup_folded:
         sd, _ = fold_mup(sd, cfg)
@@ -380,7 +384,9 @@ def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
     return cfg, sd
 
 
-def _check_keys(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> None:
+def _check_keys(
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, folder: Path, what: str = CONFIG_FILE
+) -> None:
     from llm360.model.llama import Llama
 
     with torch.device("meta"):
@@ -394,4 +400,4 @@ def _check_keys(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, folder: Path) 
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         ]
-        raise CheckpointError(f"{folder}: weights do not match config.json: " + "; ".join(parts))
+        raise CheckpointError(f"{folder}: weights do not match {what}: " + "; ".join(parts))

@@ -15,6 +15,10 @@ CrystalCoder options (from :class:`~llm360.config.ModelConfig`):
   ``1 / head_dim`` instead of ``1 / sqrt(head_dim)``. (Per-layer learning-rate scaling belongs to
   the optimizer, not to this file.)
 
+Speed, without parallelism code: q/k/v and gate/up each run as one matmul (weights concatenated on
+the fly), the rotary embedding is one autograd node, and the training loss never materialises the
+N x V logits (chunked fused cross-entropy). All of it traces into one graph under torch.compile.
+
 Shape suffixes on tensors that get reshaped:
 
     B batch           T query positions    S key/value positions (T plus cached ones)
@@ -317,7 +321,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, w = h_ND.to(dtype), w_VD.to(dtype)
         grad_h_ND = torch.empty_like(h_ND) if want_grad and ctx.needs_input_grad[0] else None
         need_w = want_grad and ctx.needs_input_grad[1]
-        grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
+        grad_w_VD: torch.Tensor | None = None  # summed over chunks in fp32
         loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         for i in range(0, h.shape[0], chunk):
             h_cD, t_c = h[i : i + chunk], targets_N[i : i + chunk]
@@ -325,7 +329,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t_c1 = t_c.clamp(min=0).unsqueeze(1)
             logp_cV = torch.log_softmax((h_cD @ w.T).float(), dim=-1)
             loss -= (logp_cV.gather(1, t_c1) * valid_c1).sum()
-            if grad_h_ND is None and grad_w_VD is None:
+            if grad_h_ND is None and not need_w:
                 continue
             # d(sum loss)/d(logits) = softmax - onehot (in place, over logp's buffer); ignored rows
             # are zeroed on the narrow (c x D) side of the matmuls, not on the wide c x V one.
@@ -333,8 +337,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g_cV = g_cV.to(dtype)
             if grad_h_ND is not None:
                 grad_h_ND[i : i + chunk] = (g_cV @ w) * valid_c1
-            if grad_w_VD is not None:
-                grad_w_VD.add_(g_cV.T @ (h_cD * valid_c1))
+            if need_w:
+                part_VD = g_cV.T @ (h_cD * valid_c1)
+                grad_w_VD = part_VD.float() if grad_w_VD is None else grad_w_VD.add_(part_VD)
         ctx.save_for_backward(grad_h_ND, grad_w_VD.to(w_VD.dtype) if grad_w_VD is not None else None)
         return loss
 

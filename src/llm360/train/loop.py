@@ -31,7 +31,7 @@ from llm360.config import RunConfig, save_config, stable_hash, to_yaml
 from llm360.data.store import DataStore, StepIndex
 from llm360.errors import CheckpointError, ConfigError, Llm360Error
 from llm360.log import progress
-from llm360.model.hf import hf_config_dict
+from llm360.model.hf import hf_metadata_files
 from llm360.model.llama import Llama, flops_per_token, resolve_model_config
 from llm360.paths import RunDir, index_name
 from llm360.train import checkpoint as ckpt
@@ -278,14 +278,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_files(self) -> dict[str, bytes]:
-        import json
 
         eos = self.store.manifest.get("eos_id")
-        files = {
-            "config.json": (json.dumps(hf_config_dict(self.mcfg, eos_token_id=eos, bos_token_id=None),
-                                       indent=2, sort_keys=True) + "\n").encode(),
-            "config.yaml": to_yaml(self.cfg).encode(),
-        }
+        # config.json for transformers, llm360_model.json for what it cannot hold (muP, unfolded here)
+        files = {**hf_metadata_files(self.mcfg, eos_token_id=eos), "config.yaml": to_yaml(self.cfg).encode()}
         tok_dir = self.store.dir / "tokenizer"
         if tok_dir.is_dir():
             for f in sorted(tok_dir.iterdir()):
