@@ -374,3 +374,18 @@ def test_release_carries_fine_tuned_models_with_lineage(run_dir: Path, sft_out, 
     row = next(line for line in card.splitlines() if line.startswith("| sft-ckpt_000 |"))
     assert "trl.SFTTrainer" in row and "ckpt_000" in row
     assert verify(out).ok
+
+
+def test_cli_finetune_errors_are_clear(run_dir: Path, tmp_path: Path, capsys):
+    from llm360.cli import main as cli_main
+
+    rc = cli_main(["--no-progress", "finetune", "sft", "--run-dir", str(run_dir), "--from", "ckpt_042",
+                   "--data", "builtin:instructions"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ckpt_042" in err and "Traceback" not in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n')
+    rc = cli_main(["--no-progress", "finetune", "sft", "--run-dir", str(run_dir), "--from", "ckpt_000",
+                   "--data", str(bad), "--set", "max_steps=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "line 1" in err and "completion" in err
