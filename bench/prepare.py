@@ -31,11 +31,23 @@ def build_corpus(path: Path, target_mb: float) -> int:
     """A JSONL corpus of real text (the embedded default's sources), repeated to target_mb."""
     from llm360.data.embedded import iter_embedded
 
-    docs = []
+    # Web-like documents: the embedded texts cut at paragraph breaks into pieces of ~0.5-3 KB
+    # (typical of web corpora), so per-document overheads count as they do in real data.
+    docs: list[str] = []
+    total = 0
     for part in ("package-docs", "licenses", "docs", "code"):
         for _, text in iter_embedded(part):
-            docs.append(text)
-            if sum(map(len, docs)) > 8e6:
+            piece = ""
+            for para in text.split("\n\n"):
+                piece = f"{piece}\n\n{para}" if piece else para
+                if len(piece) >= 2000:
+                    docs.append(piece)
+                    total += len(piece)
+                    piece = ""
+            if len(piece) >= 500:
+                docs.append(piece)
+                total += len(piece)
+            if total > 8e6:
                 break
     n, size = 0, 0
     with open(path, "w", encoding="utf-8") as f:

@@ -371,8 +371,9 @@ def test_release_carries_fine_tuned_models_with_lineage(run_dir: Path, sft_out, 
     out = release(run_dir, tmp_path / "rel", link=False)
     assert (out / "finetune" / "sft-ckpt_000" / "lineage.json").is_file()
     card = (out / "MODEL_CARD.md").read_text()
-    row = next(line for line in card.splitlines() if line.startswith("| sft-ckpt_000 |"))
-    assert "trl.SFTTrainer" in row and "ckpt_000" in row
+    section = card[card.index("## Fine-tuned models"):]
+    row = next(line for line in section.splitlines() if line.startswith("| sft-ckpt_000 |"))
+    assert "trl.SFTTrainer" in row and "| ckpt_000 |" in row
     assert verify(out).ok
 
 
@@ -386,6 +387,6 @@ def test_cli_finetune_errors_are_clear(run_dir: Path, tmp_path: Path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi"}\n')
     rc = cli_main(["--no-progress", "finetune", "sft", "--run-dir", str(run_dir), "--from", "ckpt_000",
-                   "--data", str(bad), "--set", "max_steps=1"])
+                   "--data", str(bad), "--set", "max_steps=1", "--set", "name=cli-bad"])
     err = capsys.readouterr().err
     assert rc == 2 and "line 1" in err and "completion" in err

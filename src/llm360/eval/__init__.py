@@ -17,9 +17,21 @@ from __future__ import annotations
 from typing import Any
 
 from llm360.eval.config import EvalConfig
-from llm360.eval.demo import TASKS_DIR
-from llm360.eval.runner import EvalTable, ItemError, evaluate, list_checkpoints, training_finished
-from llm360.eval.specs import PRESETS, TaskSpec, resolve_tasks
+
+# Everything else is imported on first use: `llm360.config` imports this package for EvalConfig,
+# and every process that reads a config must not pay for torch, lm-eval and the runner.
+_LAZY = {
+    "TASKS_DIR": "llm360.eval.demo",
+    "EvalTable": "llm360.eval.runner",
+    "ItemError": "llm360.eval.runner",
+    "evaluate": "llm360.eval.runner",
+    "list_checkpoints": "llm360.eval.runner",
+    "training_finished": "llm360.eval.runner",
+    "PRESETS": "llm360.eval.specs",
+    "TaskSpec": "llm360.eval.specs",
+    "resolve_tasks": "llm360.eval.specs",
+    "LLM360LM": "llm360.eval.adapter",  # imports lm-eval (and registers the `llm360` model type)
+}
 
 __all__ = [
     "PRESETS",
@@ -37,8 +49,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LLM360LM":  # imports lm-eval (and registers the `llm360` model type)
-        from llm360.eval.adapter import LLM360LM
+    if name in _LAZY:
+        import importlib
 
-        return LLM360LM
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,8 +16,21 @@ Modules: :mod:`~llm360.finetune.config` (the ``finetune`` config section and its
 # llm360.config first: RunConfig holds a FinetuneConfig, so llm360.config imports finetune.config itself
 # (after defining `Section`, which finetune.config needs); starting there keeps every import order working.
 import llm360.config  # noqa: F401  # isort: skip
+from typing import Any
+
 from llm360.finetune.config import PRESETS, DpoConfig, FinetuneConfig, SftConfig, finetune_config
-from llm360.finetune.run import FinetuneResult, dpo, finetune, resolve_base, sft
+
+_RUN = {"FinetuneResult", "dpo", "finetune", "resolve_base", "sft"}
+
+
+def __getattr__(name: str) -> Any:
+    """The training entry points load torch and TRL on first use only (config readers need neither)."""
+    if name in _RUN:
+        from llm360.finetune import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS",
