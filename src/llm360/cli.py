@@ -216,6 +216,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from llm360.report import build_report
+
+    out = build_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    console.print(f"[green]report written[/] to {out} (self-contained, opens offline)")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from llm360.config import to_yaml
 
@@ -319,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--replay", type=int, nargs="+", metavar="I", help="re-train chunk I from ckpt_{I-1} and compare")
     sp.add_argument("--rederive", action="store_true", help="rebuild the data from the raw sources and compare")
     sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("report", help="one self-contained HTML page: transparency table, data, curves, evals, analyses")
+    sp.add_argument("--run-dir", required=True, help="run directory or release folder")
+    sp.add_argument("--out", help="output file (default RUN_DIR/report/index.html)")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("config", help="show the resolved config with every field documented")
     csub = sp.add_subparsers(dest="what", required=True)
