@@ -176,6 +176,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else (1 if result.failed else 0)
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    cfg = _load_config(args).analysis
+    if args.what == "memorization":
+        from llm360.analysis.memorization import analyze_memorization
+
+        res = analyze_memorization(args.run_dir, cfg.memorization, checkpoints=args.checkpoints, force=args.force)
+    else:
+        from llm360.analysis.contamination import analyze_contamination
+
+        res = analyze_contamination(args.run_dir, cfg.contamination, tasks=args.tasks, force=args.force)
+    for item, why in res.failed.items():
+        console.print(f"[red]failed[/] {escape(item)}: {escape(why)}", highlight=False, soft_wrap=True)
+    console.print(f"{args.what}: {len(res.computed)} computed, {len(res.reused)} already up to date, "
+                  f"{len(res.failed)} failed; results in {res.out_dir}"
+                  + (f" (summary {res.summary})" if res.summary else ""), soft_wrap=True)
+    return 0 if res.ok else 1
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from llm360.config import load_config
     from llm360.finetune import finetune, finetune_config
@@ -299,6 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, help="only the first N examples of each lm-eval task (quick checks)")
     sp.add_argument("--show", type=int, default=20, help="checkpoints shown in the console table")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("analyze", help="Analysis360: memorization over checkpoints, contamination of eval sets")
+    asub = sp.add_subparsers(dest="what", required=True)
+    am = asub.add_parser("memorization", help="the paper's memorization score of every checkpoint on every chunk")
+    _add_config_args(am, positional=False)
+    am.add_argument("--run-dir", required=True)
+    am.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="only these checkpoints (e.g. ckpt_003)")
+    am.add_argument("--force", action="store_true", help="recompute results made with other settings")
+    am.set_defaults(func=cmd_analyze)
+    ac = asub.add_parser("contamination", help="n-gram overlap of evaluation sets with the training chunks")
+    _add_config_args(ac, positional=False)
+    ac.add_argument("--run-dir", required=True)
+    ac.add_argument("--tasks", nargs="+", metavar="TASK",
+                    help="JSONL files, lm-eval task names or task YAML files (default: analysis.contamination.tasks)")
+    ac.add_argument("--force", action="store_true", help="recompute results made with other settings")
+    ac.set_defaults(func=cmd_analyze)
 
     sp = sub.add_parser("finetune", help="SFT or DPO (TRL) from any checkpoint, lineage kept")
     fsub = sp.add_subparsers(dest="kind", required=True)

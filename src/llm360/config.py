@@ -18,16 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from llm360.analysis import AnalysisConfig
 from llm360.errors import ConfigError
-
-
-class Section(BaseModel):
-    """Base for config sections: unknown keys are errors, field docstrings are descriptions."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
+from llm360.eval.config import EvalConfig
+from llm360.finetune.config import FinetuneConfig
+from llm360.section import Section
 
 # --------------------------------------------------------------------------------------- data
 
@@ -284,8 +281,6 @@ class TrainConfig(Section):
 
 # ---------------------------------------------------------------------------------------- run
 
-from llm360.eval.config import EvalConfig  # noqa: E402  (these need Section, defined above)
-from llm360.finetune.config import FinetuneConfig  # noqa: E402
 
 
 class RunConfig(Section):
@@ -301,6 +296,8 @@ class RunConfig(Section):
     """Optimizer, schedule, precision, checkpointing and guards."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Evaluation of every checkpoint: tasks, batch size, device, watch mode."""
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    """Analysis360: memorization over checkpoints and chunks, contamination of evaluation sets."""
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     """Fine-tuning of checkpoints (`llm360 finetune sft|dpo`): AmberChat's SFT and AmberSafe's DPO recipes."""
 
@@ -363,6 +360,12 @@ def _preset_embedded() -> dict:
             "tokenizer": {"kind": "train", "vocab_size": 4096},
         },
         "model": {"name": "tiny"},
+        "eval": {"tasks": ["perplexity", "demo"]},
+        "analysis": {
+            "memorization": {"rows_per_chunk": 200},
+            "contamination": {"tasks": ["llm360_demo_licence_mc", "llm360_demo_next_line_mc",
+                                        "llm360_demo_complete_line"]},
+        },
         # The paper's AmberChat lr barely moves a tiny model in a demo's minutes.
         "finetune": {"sft": {"lr": 1e-3, "micro_batch_size": 8, "gradient_accumulation": 1, "epochs": 1}},
     }

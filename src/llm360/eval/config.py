@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from llm360.config import Section
+from llm360.section import Section
 
 
 class EvalConfig(Section):

@@ -13,9 +13,6 @@ Modules: :mod:`~llm360.finetune.config` (the ``finetune`` config section and its
 (training with TRL and the output folder with its lineage).
 """
 
-# llm360.config first: RunConfig holds a FinetuneConfig, so llm360.config imports finetune.config itself
-# (after defining `Section`, which finetune.config needs); starting there keeps every import order working.
-import llm360.config  # noqa: F401  # isort: skip
 from typing import Any
 
 from llm360.finetune.config import PRESETS, DpoConfig, FinetuneConfig, SftConfig, finetune_config

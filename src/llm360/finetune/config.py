@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-# Only `Section` at import time: llm360.config imports this module to put FinetuneConfig into RunConfig.
-from llm360.config import Section
 from llm360.errors import ConfigError
+
+# Only `Section` at import time: llm360.config imports this module to put FinetuneConfig into RunConfig.
+from llm360.section import Section
 
 Kind = Literal["sft", "dpo"]
 KINDS: tuple[str, ...] = ("sft", "dpo")

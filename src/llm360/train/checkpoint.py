@@ -1052,16 +1052,21 @@ def load_checkpoint(
                 f"weight {name} has shape {list(weights[name].shape)}, the model {list(expected[name].shape)}"
             )
     opt_sd = None
-    if optimizer is not None:
-        names = _names_by_id(model if param_names is None else param_names)
-        opt_tensors = _parse_safetensors(bufs.pop(OPTIMIZER_FILE), f"{d / OPTIMIZER_FILE}")
-        opt_meta = _json_of(bufs.pop(OPTIMIZER_META), f"{d / OPTIMIZER_META}")
-        opt_sd = _optimizer_state_dict(optimizer, names, opt_tensors, opt_meta, strict, problems)
-    trainer_state = _json_of(bufs.pop(TRAINER_STATE), f"{d / TRAINER_STATE}")
-    rng_state = _rng_from(
-        _parse_safetensors(bufs.pop(RNG_FILE), f"{d / RNG_FILE}"),
-        _json_of(bufs.pop(RNG_META), f"{d / RNG_META}"),
-    )
+    try:  # the files verified, so a malformed structure means they were written by something else
+        if optimizer is not None:
+            names = _names_by_id(model if param_names is None else param_names)
+            opt_tensors = _parse_safetensors(bufs.pop(OPTIMIZER_FILE), f"{d / OPTIMIZER_FILE}")
+            opt_meta = _json_of(bufs.pop(OPTIMIZER_META), f"{d / OPTIMIZER_META}")
+            opt_sd = _optimizer_state_dict(optimizer, names, opt_tensors, opt_meta, strict, problems)
+        trainer_state = _json_of(bufs.pop(TRAINER_STATE), f"{d / TRAINER_STATE}")
+        rng_state = _rng_from(
+            _parse_safetensors(bufs.pop(RNG_FILE), f"{d / RNG_FILE}"),
+            _json_of(bufs.pop(RNG_META), f"{d / RNG_META}"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {d}: {OPTIMIZER_META} or {RNG_META} does not have the expected structure ({e!r})"
+        ) from None
     if problems:
         _fail(d, problems)
 

@@ -164,7 +164,8 @@ class Trainer:
 
     def setup(self) -> None:
         tcfg = self.tcfg
-        latest = ckpt.latest_complete_checkpoint(self.rd.checkpoints)
+        # names and sizes here; load_checkpoint hashes every file as it reads it
+        latest = ckpt.latest_complete_checkpoint(self.rd.checkpoints, verify=False)
         saved = None
         if latest is not None:
             saved = TrainState.from_json(read_trainer_state(latest))
@@ -338,6 +339,12 @@ class Trainer:
         ckpt.restore_rng(res["rng_state"])
         self.state = TrainState.from_json(res["trainer_state"])
         self.state.rollbacks = rollbacks
+        # intra-chunk checkpoints of the abandoned attempt must never be resumed from
+        if self.info.is_main:
+            for stale in sorted((self.rd.checkpoints / "steps").glob("step_*")):
+                if int(stale.name.split("_")[1]) > self.state.step:
+                    ckpt.remove_checkpoint(stale)
+        barrier(self.info)
         if policy == "rollback_skip_chunk":
             self.state.skipped_chunks.append(chunk)
             self.state.step = int(self.index.first_step[chunk + 1])

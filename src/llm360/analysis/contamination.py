@@ -1,0 +1,813 @@
+"""How much of each evaluation set is in the training data: n-gram overlap in token space.
+
+Definitions. Both sides are token ids of the run's own tokenizer; an *n-gram* is n consecutive
+tokens (default 13, the length GPT-3 and lm-eval's decontamination use); on the training side only
+n-grams inside one training row count, since a row is what the model saw at once.
+
+* An example is **contaminated** when at least one of its n-grams occurs in the training data
+  (the GPT-3 / lm-eval definition): ``contaminated_share``.
+* **Token-level contamination** (Llama 2 paper, Touvron et al. 2023, arXiv:2307.09288, appendix
+  A.6 "Dataset contamination"): a token of an example is contaminated when it lies in any of the
+  example's n-grams that occurs in the training data; an example's contamination is its
+  contaminated tokens / its tokens. The paper's four subsets, whose thresholds are used here:
+  **clean** below 20%, **not clean** 20% or more, **not dirty** below 80%, **dirty** 80% or more
+  (clean lies within not dirty, dirty within not clean). Differences from the paper: it matched
+  with a suffix array on any n-gram longer than 10 tokens with a skip-gram budget of 4 tokens and
+  a minimum length chosen per dataset; here n is one fixed, configurable length and matches are
+  exact.
+
+How it runs. The evaluation side is small: all its n-grams are hashed (a polynomial hash of the
+n token ids mod 2^64), sorted and summarised in a bitmap of the hashes' top bits. The training
+chunks are cut into blocks of rows that worker processes scan (one process per core): every
+n-gram hash of a block is computed at once with numpy (log2(n) shifted multiply-adds), the bitmap
+discards nearly all of them, ``searchsorted`` on the sorted evaluation hashes keeps the exact hash
+matches, and every match is then checked token by token, so a hash collision can never report
+contamination that is not there. Memory is bounded by the evaluation side plus one block per
+worker (``block_tokens``), never by the size of the training data.
+
+Output: ``<run>/analysis/contamination/<task>.json`` per task. Chunk ``c`` is first trained into
+checkpoint ``ckpt_c``, so the chunks that hold an example's n-grams say from which checkpoint on
+the model has seen it. A task whose result is there (same n, data, tokenizer and examples) is not
+recomputed; a task that cannot be read (a JSONL line that does not parse, an lm-eval task whose data
+is not available offline) is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llm360.analysis import AnalysisError, AnalysisResult, ContaminationConfig
+from llm360.errors import Llm360Error
+from llm360.paths import RunDir, index_name
+from llm360.utils import read_json, write_json
+
+if TYPE_CHECKING:  # imported where used: scan workers import this module and need numpy only
+    from llm360.data.store import DataStore
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "llm360-contamination"
+VERSION = 1
+OUT_SUBDIR = ("analysis", "contamination")
+CLEAN_BELOW = 0.2
+"""Llama 2 (appendix A.6): an example with less than 20% contaminated tokens is clean."""
+DIRTY_AT_LEAST = 0.8
+"""Llama 2 (appendix A.6): an example with 80% or more contaminated tokens is dirty."""
+_P = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the polynomial hash
+_MASK = (1 << 64) - 1
+_TOKENS_PER_WORKER = 16_000_000
+"""Training tokens per worker process below which fewer processes are started."""
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".ndjson")
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+# ------------------------------------------------------------------------------------ hashing
+
+
+def ngram_hashes(tokens: np.ndarray, n: int, buffers: list[np.ndarray] | None = None) -> np.ndarray:
+    """uint64 hash of every n-gram of a 1-D token array: ``h[i] = sum_j tokens[i+j] * P^(n-1-j)`` mod 2^64.
+
+    Built by doubling (hashes of 2, 4, 8, ... tokens, combined along the bits of n), so it costs
+    about 2*log2(n) vectorized passes instead of n. Length ``len(tokens) - n + 1`` (0 if shorter).
+    ``buffers`` (a list, filled on first use) keeps three work arrays between calls, so a scan
+    that hashes block after block does not allocate (and page-fault) fresh memory each time; the
+    result is a view into them, valid until the next call with the same buffers.
+    """
+    N = len(tokens)
+    if N < n:
+        return np.zeros(0, dtype=np.uint64)
+    if buffers is None:
+        buffers = []
+    if not buffers or len(buffers[0]) < N:
+        buffers[:] = [np.empty(N, dtype=np.uint64) for _ in range(3)]
+    power, spare, res = (b[:N] for b in buffers)
+    np.copyto(power, tokens, casting="unsafe")
+    res_len, power_len, bit = 0, 1, 0
+    while True:
+        if n >> bit & 1:
+            if res_len == 0:
+                np.copyto(res, power)
+                res_len = power_len
+            else:  # res[i] = res[i] * P^power_len + power[i + res_len]
+                m = N - (res_len + power_len) + 1
+                np.multiply(res[:m], np.uint64(pow(_P, power_len, 1 << 64)), out=res[:m])
+                np.add(res[:m], power[res_len : res_len + m], out=res[:m])
+                res_len += power_len
+        if n >> (bit + 1) == 0:
+            break
+        m = N - 2 * power_len + 1  # power'[i] = power[i] * P^power_len + power[i + power_len]
+        np.multiply(power[:m], np.uint64(pow(_P, power_len, 1 << 64)), out=spare[:m])
+        np.add(spare[:m], power[power_len : power_len + m], out=spare[:m])
+        power, spare = spare, power
+        power_len *= 2
+        bit += 1
+    return res[: N - n + 1]
+
+
+def _bitmap_bits(unique: int) -> int:
+    """Bits b of the bitmap (2^b slots): about 32 slots per hash, between 2^16 and 2^32."""
+    return int(min(32, max(16, int(np.ceil(np.log2(max(unique, 1) * 32))))))
+
+
+def _make_bitmap(hashes: np.ndarray, bits: int) -> np.ndarray:
+    """2^bits bits, bit i set when some hash has top bits i (bit i is bit i % 8 of byte i // 8)."""
+    slots = np.zeros(1 << bits, dtype=bool)
+    slots[(hashes >> np.uint64(64 - bits)).astype(np.int64)] = True
+    return np.packbits(slots, bitorder="little")
+
+
+_BIT_MASKS = (1 << np.arange(8)).astype(np.uint8)
+
+
+def _bitmap_candidates(
+    h: np.ndarray, bitmap: np.ndarray, bits: int, buffers: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """Positions of h whose top ``bits`` bits are set in the bitmap (reusing ``buffers`` like ngram_hashes)."""
+    N = len(h)
+    if buffers is None:
+        buffers = []
+    if not buffers or len(buffers[0]) < N:
+        buffers[:] = [np.empty(N, np.int64), np.empty(N, np.int64), np.empty(N, np.uint8)]
+    slot, tmp, byte = (b[:N] for b in buffers)
+    np.right_shift(h, np.uint64(64 - bits), out=slot.view(np.uint64))
+    np.right_shift(slot, 3, out=tmp)
+    np.take(bitmap, tmp, out=byte)
+    np.bitwise_and(slot, 7, out=tmp)
+    np.bitwise_and(byte, _BIT_MASKS[tmp], out=byte)
+    return np.flatnonzero(byte)
+
+
+def _bucket_starts(hashes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sorted hashes grouped by their top b bits (about one per bucket): start of every bucket."""
+    b = int(min(32, max(1, int(np.ceil(np.log2(max(len(hashes), 2)))))))
+    tops = (hashes >> np.uint64(64 - b)).astype(np.int64)
+    return np.searchsorted(tops, np.arange((1 << b) + 1)), b
+
+
+def _lookup(hc: np.ndarray, hashes: np.ndarray, starts: np.ndarray, b: int) -> np.ndarray:
+    """Index of each of hc in the sorted hashes, -1 where absent (a bucket probe instead of a binary search)."""
+    bucket = (hc >> np.uint64(64 - b)).view(np.int64)
+    lo, hi = starts[bucket], starts[bucket + 1]
+    out = np.full(len(hc), -1, dtype=np.int64)
+    for k in range(int((hi - lo).max()) if len(hc) else 0):
+        i = lo + k
+        inside = i < hi
+        hit = inside & (hashes[np.where(inside, i, 0)] == hc)
+        out[hit] = i[hit]
+    return out
+
+
+# ---------------------------------------------------------------------------- evaluation side
+
+
+@dataclass
+class EvalIndex:
+    """Every n-gram of every example of every task, hashed, with the tokens to verify matches."""
+
+    n: int
+    task_names: list[str]
+    tokens: np.ndarray
+    """All examples' token ids, concatenated (int64)."""
+    example_offsets: np.ndarray
+    """(E + 1,) start of each example in ``tokens``."""
+    example_task: np.ndarray
+    """(E,) task index of each example."""
+    ngram_start: np.ndarray
+    """(G,) position in ``tokens`` of every n-gram (in example order)."""
+    ngram_example: np.ndarray
+    """(G,) example of every n-gram."""
+    ngram_unique: np.ndarray
+    """(G,) index of every n-gram's hash in ``hashes``."""
+    hashes: np.ndarray
+    """(U,) sorted distinct n-gram hashes (uint64)."""
+    rep_start: np.ndarray
+    """(U,) position in ``tokens`` of one n-gram with that hash: what a training match must equal."""
+    unique_in_task: np.ndarray
+    """(U, T) whether a task has an n-gram with that hash."""
+    unique_order: np.ndarray
+    """(G,) n-grams ordered by hash: those of hash u are ``unique_order[unique_ptr[u]:unique_ptr[u+1]]``."""
+    unique_ptr: np.ndarray
+    """(U + 1,) see unique_order."""
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_task)
+
+
+def build_eval_index(tasks: dict[str, list[np.ndarray]], n: int) -> EvalIndex:
+    """Index the n-grams of each task's examples (token id arrays); examples shorter than n have none."""
+    names = list(tasks)
+    lengths = [len(t) for name in names for t in tasks[name]]
+    example_task = np.asarray([i for i, name in enumerate(names) for _ in tasks[name]], dtype=np.int32)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    parts = [np.asarray(t, dtype=np.int64) for name in names for t in tasks[name]]
+    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    per = np.maximum(np.asarray(lengths, dtype=np.int64) - n + 1, 0)
+    ngram_example = np.repeat(np.arange(len(lengths), dtype=np.int64), per)
+    first = np.zeros(len(per) + 1, dtype=np.int64)
+    np.cumsum(per, out=first[1:])
+    ngram_start = offsets[ngram_example] + (np.arange(int(first[-1]), dtype=np.int64) - first[ngram_example])
+    all_hashes = ngram_hashes(tokens, n)[ngram_start] if len(ngram_start) else np.zeros(0, np.uint64)
+    hashes, rep, inverse = np.unique(all_hashes, return_index=True, return_inverse=True)
+    unique_in_task = np.zeros((len(hashes), len(names)), dtype=bool)
+    unique_in_task[inverse, example_task[ngram_example]] = True
+    order = np.argsort(inverse, kind="stable")
+    ptr = np.zeros(len(hashes) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(inverse, minlength=len(hashes)), out=ptr[1:])
+    return EvalIndex(
+        n=n, task_names=names, tokens=tokens, example_offsets=offsets, example_task=example_task,
+        ngram_start=ngram_start, ngram_example=ngram_example, ngram_unique=inverse.astype(np.int64),
+        hashes=hashes, rep_start=ngram_start[rep], unique_in_task=unique_in_task, unique_order=order,
+        unique_ptr=ptr,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ training side
+
+_W: dict[str, Any] = {}  # the scan state of this (worker) process, set by _init_worker
+
+
+_STATE_ARRAYS = ("hashes", "bitmap", "tokens", "rep_start", "starts")
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    """Set this process's scan state; arrays named in ``state["files"]`` are memory-mapped from disk."""
+    _W.clear()
+    _W.update(state)
+    for name, path in state.get("files", {}).items():
+        _W[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _scan_block(path: str, row_start: int, row_end: int) -> tuple[np.ndarray, ...]:
+    """Hash-match rows [row_start, row_end) of one chunk file against the evaluation n-grams.
+
+    Returns (unique ids found, occurrences of each, row and column of the first occurrence of each).
+    """
+    n, bits = _W["n"], _W["bits"]
+    hashes, bitmap = _W["hashes"], _W["bitmap"]
+    if "starts" not in _W:  # a state made by hand (tests)
+        _W["starts"], _W["bucket_bits"] = _bucket_starts(hashes)
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    L = arr.shape[1]
+    flat = np.ascontiguousarray(arr[row_start:row_end]).reshape(-1)
+    del arr
+    h = ngram_hashes(flat, n, _W.setdefault("buffers", []))
+    cand = _bitmap_candidates(h, bitmap, bits, _W.setdefault("bitmap_buffers", []))  # ~3% of positions
+    j = _lookup(h[cand], hashes, _W["starts"], _W["bucket_bits"])
+    keep = (j >= 0) & (cand % L <= L - n)  # an exact hash match inside one row
+    cand, j = cand[keep], j[keep]
+    if len(cand):  # token by token, so a hash collision never counts
+        offs = np.arange(n)
+        same = (flat[cand[:, None] + offs] == _W["tokens"][_W["rep_start"][j][:, None] + offs]).all(axis=1)
+        cand, j = cand[same], j[same]
+    found, first, counts = np.unique(j, return_index=True, return_counts=True)
+    pos = cand[first]
+    return found, counts, row_start + pos // L, pos % L
+
+
+@dataclass
+class ScanResult:
+    """What the scan of the training chunks found, per distinct evaluation n-gram (U of them)."""
+
+    count: np.ndarray
+    """(U,) occurrences in training rows."""
+    first_chunk: np.ndarray
+    """(U,) first chunk holding it (-1: none)."""
+    first_row: np.ndarray
+    """(U,) row of its first occurrence in that chunk."""
+    first_col: np.ndarray
+    """(U,) position in that row."""
+    chunk_examples: dict[int, np.ndarray] = field(default_factory=dict)
+    """chunk -> examples with at least one n-gram in that chunk (only chunks with hits)."""
+    chunk_task_hits: np.ndarray | None = None
+    """(T, C) occurrences in chunk c of n-grams of task t."""
+    tokens: int = 0
+    """Training tokens scanned."""
+    seconds: float = 0.0
+
+
+def _work_items(store: DataStore, block_tokens: int) -> list[tuple[int, str, int, int]]:
+    rows_per_block = max(1, block_tokens // store.row_length)
+    items = []
+    for c in range(store.num_chunks):
+        path = str(store.dir / store.manifest["chunks"][c]["file"])
+        rows = store.rows_per_chunk[c]
+        items += [(c, path, s, min(rows, s + rows_per_block)) for s in range(0, rows, rows_per_block)]
+    return items
+
+
+def scan_training_data(
+    store: DataStore, index: EvalIndex, *, workers: int | None = None, block_tokens: int = 4_194_304
+) -> ScanResult:
+    """Find every evaluation n-gram in every chunk of a prepared data set (see the module docstring).
+
+    ``workers`` processes (default: one per CPU core, but no more than one per 16 M training
+    tokens; 1 runs in this process) each scan blocks of about ``block_tokens`` tokens. The result
+    does not depend on workers or block size.
+    """
+    from llm360.log import progress
+
+    t0 = time.perf_counter()
+    U, T, C = len(index.hashes), len(index.task_names), store.num_chunks
+    res = ScanResult(
+        count=np.zeros(U, np.int64), first_chunk=np.full(U, -1, np.int64), first_row=np.zeros(U, np.int64),
+        first_col=np.zeros(U, np.int64), chunk_task_hits=np.zeros((T, C), np.int64),
+    )  # fmt: skip
+    for c in range(C):  # fail early, naming the file, if a chunk is missing or malformed
+        store.chunk(c)
+    res.tokens = int(sum(store.rows_per_chunk)) * store.row_length
+    if U == 0:
+        res.seconds = time.perf_counter() - t0
+        return res
+    bits = _bitmap_bits(U)
+    starts, bucket_bits = _bucket_starts(index.hashes)
+    state = {"n": index.n, "bits": bits, "hashes": index.hashes, "bitmap": _make_bitmap(index.hashes, bits),
+             "tokens": index.tokens, "rep_start": index.rep_start, "starts": starts,
+             "bucket_bits": bucket_bits}  # fmt: skip
+    items = _work_items(store, block_tokens)
+    # A worker process has a start-up cost (milliseconds forked, seconds spawned): below ~16 M tokens
+    # per extra worker (about half a second of scanning) it would cost more than it saves.
+    workers = max(1, min(workers or os.cpu_count() or 1, len(items), -(-res.tokens // _TOKENS_PER_WORKER)))
+
+    def merge(chunk: int, found: np.ndarray, counts: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+        res.count[found] += counts
+        earlier = (res.first_chunk[found] < 0) | (res.first_chunk[found] > chunk) | (
+            (res.first_chunk[found] == chunk) & (res.first_row[found] > rows))  # fmt: skip
+        f = found[earlier]
+        res.first_chunk[f], res.first_row[f], res.first_col[f] = chunk, rows[earlier], cols[earlier]
+        assert res.chunk_task_hits is not None
+        res.chunk_task_hits[:, chunk] += counts @ index.unique_in_task[found].astype(np.int64)
+        if len(found):
+            occ = index.unique_order[_ranges(index.unique_ptr[found], index.unique_ptr[found + 1])]
+            ex = np.unique(index.ngram_example[occ])
+            prev = res.chunk_examples.get(chunk)
+            res.chunk_examples[chunk] = ex if prev is None else np.union1d(prev, ex)
+
+    with progress("contamination scan", total=res.tokens / 1e6, unit="M tokens") as bar:
+        if workers == 1:
+            _init_worker(state)
+            try:
+                for c, path, s, e in items:
+                    merge(c, *_scan_block(path, s, e))
+                    bar.advance((e - s) * store.row_length / 1e6)
+            finally:
+                _W.clear()
+        else:
+            ctx, tmp = _pool_context(state)
+            with tmp, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                          initargs=(state,)) as pool:  # fmt: skip
+                pending: dict[Future, tuple[int, int]] = {}
+                queue = iter(items)
+                for c, path, s, e in _take(queue, 2 * workers):
+                    pending[pool.submit(_scan_block, path, s, e)] = (c, e - s)
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        c, nrows = pending.pop(fut)
+                        merge(c, *fut.result())
+                        bar.advance(nrows * store.row_length / 1e6)
+                        for c2, path, s, e in _take(queue, 1):
+                            pending[pool.submit(_scan_block, path, s, e)] = (c2, e - s)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _pool_context(state: dict[str, Any]) -> tuple[Any, Any]:
+    """How scan workers start: fork where the platform has it, else spawn with the arrays in files.
+
+    Fork starts a worker in milliseconds and shares the evaluation index copy-on-write. It is safe
+    here although the parent may hold other threads (torch's, a progress bar's): a worker runs only
+    the numpy code of :func:`_scan_block` -- no torch, no BLAS, no logging, no locks those threads
+    could hold. Spawn re-imports llm360 in every worker (seconds) and passes the arrays as .npy
+    files, since a pipe write would block until each child has started, one after the other.
+    """
+    import contextlib
+
+    if "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork"), contextlib.nullcontext()
+    tmp = tempfile.TemporaryDirectory(prefix="llm360-contamination-")
+    files = {}
+    for name in _STATE_ARRAYS:
+        files[name] = os.path.join(tmp.name, f"{name}.npy")
+        np.save(files[name], state.pop(name))
+    state["files"] = files
+    return mp.get_context("spawn"), tmp
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(lo[i], hi[i]) for all i, vectorized."""
+    lens = hi - lo
+    ends = np.cumsum(lens)
+    return np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - lens - lo, lens)
+
+
+def _take(it: Iterator, k: int) -> list:
+    out = []
+    for _ in range(k):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+# -------------------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class TaskDocs:
+    """The examples of one evaluation set, as text."""
+
+    name: str
+    """Output name (``analysis/contamination/<name>.json``)."""
+    source: str
+    """Where they came from: ``jsonl:<path>`` or ``lm-eval:<task>``."""
+    texts: list[str]
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "task"
+
+
+def _is_file_spec(spec: str) -> bool:
+    low = spec.lower()
+    return low.endswith(_JSONL_SUFFIXES + _YAML_SUFFIXES) or Path(spec).is_file()
+
+
+def read_jsonl_task(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
+    """The ``text_field`` of every line of a JSONL file (.gz/.zst too); AnalysisError names the bad line."""
+    from llm360.data.sources import _open_lines
+
+    p = Path(path)
+    if not p.is_file():
+        raise AnalysisError(f"task file {p} not found")
+    texts: list[str] = []
+    try:
+        raw, stream, _ = _open_lines(p)
+    except Llm360Error as e:
+        raise AnalysisError(str(e)) from None
+    lineno = 0
+    try:
+        for lineno, line in enumerate(stream, 1):  # noqa: B007 (used in the except below)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except UnicodeDecodeError:
+                raise AnalysisError(f"{p} line {lineno}: not UTF-8 text") from None
+            except json.JSONDecodeError as e:
+                raise AnalysisError(
+                    f"{p} line {lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line"
+                ) from None
+            value = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(value, str):
+                what = f"fields: {', '.join(sorted(obj))}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+                raise AnalysisError(
+                    f"{p} line {lineno}: no text field '{text_field}' ({what}); "
+                    "set analysis.contamination.text_field to the field that holds the example"
+                )
+            texts.append(value)
+            if limit is not None and len(texts) >= limit:
+                break
+    except (OSError, EOFError, ValueError) as e:
+        raise AnalysisError(f"{p}: cannot read past line {lineno}: {e}") from None
+    finally:
+        stream.close()
+        raw.close()
+    return texts
+
+
+def _offline() -> None:
+    """No network at run time: Hugging Face datasets and hub calls are answered from the cache only."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import sys
+
+    if "datasets" in sys.modules:  # already imported: its constants were read at import time
+        try:
+            import datasets.config
+
+            datasets.config.HF_DATASETS_OFFLINE = True
+            datasets.config.HF_HUB_OFFLINE = True
+        except (ImportError, AttributeError):
+            pass
+    if "huggingface_hub" in sys.modules:
+        try:
+            import huggingface_hub.constants
+
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
+        except (ImportError, AttributeError):
+            pass
+
+
+class _LmEval:
+    """lm-eval task loading, offline; the (slow to build) task index is made once, when first needed."""
+
+    def __init__(self, include_path: str | None) -> None:
+        self.include_path = include_path
+        self._managers: dict[bool, Any] = {}
+
+    def manager(self, defaults: bool) -> Any:
+        if defaults not in self._managers:
+            _offline()
+            try:
+                from lm_eval.tasks import TaskManager
+            except ImportError:
+                raise AnalysisError(
+                    "lm-eval is not installed, so lm-eval task names cannot be read; `pip install lm-eval`, "
+                    "or give the examples as a JSONL file"
+                ) from None
+            from llm360.eval.demo import TASKS_DIR  # llm360's own demo tasks can always be named
+
+            paths = [str(TASKS_DIR)] + ([self.include_path] if self.include_path else [])
+            self._managers[defaults] = TaskManager(include_path=paths, include_defaults=defaults)
+        return self._managers[defaults]
+
+    def load(self, spec: str, limit: int | None) -> list[TaskDocs]:
+        is_yaml = spec.lower().endswith(_YAML_SUFFIXES)
+        if is_yaml and not Path(spec).is_file():
+            raise AnalysisError(f"task file {spec} not found")
+        tm = self.manager(defaults=not is_yaml)  # a task file needs no index of lm-eval's own tasks
+        if not is_yaml and spec not in tm.all_tasks:
+            close = difflib.get_close_matches(spec, tm.all_tasks, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise AnalysisError(f"task '{spec}' is neither a file nor an lm-eval task name{hint}")
+        try:
+            loaded = tm.load([spec])["tasks"]
+        except Exception as e:  # lm-eval / datasets raise many types; all mean "cannot load this task"
+            raise AnalysisError(_lm_eval_failure(spec, e)) from None
+        out = []
+        for name, task in loaded.items():
+            try:
+                docs = task.eval_docs
+                texts = []
+                for doc in docs:
+                    texts.append(_doc_text(task, doc))
+                    if limit is not None and len(texts) >= limit:
+                        break
+            except Exception as e:
+                raise AnalysisError(_lm_eval_failure(name, e)) from None
+            out.append(TaskDocs(_safe_name(name), f"lm-eval:{name}", texts))
+        return out
+
+
+def _lm_eval_failure(name: str, e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}"
+    offline = any(s in text for s in ("Offline", "offline", "Couldn't reach", "ConnectionError", "not found in cache"))
+    if offline or isinstance(e, (ConnectionError, FileNotFoundError)):
+        return (
+            f"the data of lm-eval task '{name}' is not available offline ({text.splitlines()[0][:300]}). "
+            "llm360 never downloads at run time: fetch it once where there is network (run lm-eval on the "
+            "task, or datasets.load_dataset on its dataset) so that it is in the Hugging Face datasets cache, "
+            "or give its examples as a JSONL file"
+        )
+    return f"lm-eval could not load task '{name}': {text.splitlines()[0][:300]}"
+
+
+def _doc_text(task: Any, doc: Any) -> str:
+    """An lm-eval example as one text: its decontamination query if the task defines one, else
+    the prompt text, the target delimiter and the gold answer."""
+    cfg = getattr(task, "config", None)
+    if getattr(task, "should_decontaminate", lambda: False)():
+        q = task.doc_to_decontamination_query(doc)
+        if isinstance(q, str):
+            return q
+    choices = None
+    if cfg is not None and getattr(cfg, "doc_to_choice", None) is not None:
+        choices = task.doc_to_choice(doc)
+    text = task.doc_to_text(doc)
+    if isinstance(text, int) and choices:
+        text = choices[text]
+    target = task.doc_to_target(doc)
+    if isinstance(target, int) and choices:
+        target = choices[target]
+    elif isinstance(target, list):
+        target = " ".join(str(choices[t]) if isinstance(t, int) and choices else str(t) for t in target)
+    delimiter = getattr(cfg, "target_delimiter", " ") if cfg is not None else " "
+    return f"{text}{delimiter}{target}"
+
+
+def load_tasks(specs: Sequence[str], cfg: ContaminationConfig) -> tuple[list[TaskDocs], dict[str, str]]:
+    """The examples of each task spec, and spec -> message for those that cannot be read."""
+    docs: list[TaskDocs] = []
+    failed: dict[str, str] = {}
+    lm = _LmEval(cfg.lm_eval_include_path)
+    for spec in specs:
+        try:
+            low = spec.lower()
+            if low.endswith(_YAML_SUFFIXES):
+                docs += lm.load(spec, cfg.limit)
+            elif _is_file_spec(spec):
+                name = _safe_name(re.sub(r"(\.jsonl|\.json|\.ndjson)(\.gz|\.zst)?$", "", Path(spec).name))
+                docs.append(TaskDocs(name, f"jsonl:{spec}", read_jsonl_task(spec, cfg.text_field, cfg.limit)))
+            else:
+                docs += lm.load(spec, cfg.limit)
+        except Llm360Error as e:
+            failed[spec] = str(e)
+            logger.error("task %s: %s", spec, e)
+    seen: dict[str, int] = {}
+    for d in docs:  # two specs with the same name get distinct output files
+        if d.name in seen:
+            seen[d.name] += 1
+            d.name = f"{d.name}-{seen[d.name]}"
+        else:
+            seen[d.name] = 0
+    return docs, failed
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def analyze_contamination(
+    run_dir: str | Path,
+    cfg: ContaminationConfig | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    force: bool = False,
+) -> AnalysisResult:
+    """Measure every task's overlap with the run's training data; one JSON file per task.
+
+    ``tasks`` overrides ``cfg.tasks``. Tasks that cannot be read, or whose earlier result was
+    computed with other settings (unless ``force``), are reported in ``result.failed``; the rest
+    are scanned together in one pass over the chunks.
+    """
+    from llm360.data.store import DataStore
+    from llm360.data.tokenizer import load_saved
+
+    cfg = cfg or ContaminationConfig()
+    specs = list(tasks if tasks is not None else cfg.tasks)
+    run = RunDir(run_dir)
+    out = run.root.joinpath(*OUT_SUBDIR)
+    result = AnalysisResult("contamination", out)
+    if not specs:
+        raise AnalysisError("no tasks given: pass --tasks (JSONL files or lm-eval task names) "
+                            "or set analysis.contamination.tasks")
+    store = DataStore(run.data)
+    tokenizer = load_saved(run.tokenizer)
+    meta_tok = read_json(run.tokenizer / "llm360_tokenizer.json")
+    docs, failed = load_tasks(specs, cfg)
+    result.failed.update(failed)
+    out.mkdir(parents=True, exist_ok=True)
+    data_fp = hashlib.sha256(json.dumps([c.get("sha256") for c in store.manifest["chunks"]]).encode()).hexdigest()
+
+    todo: list[tuple[TaskDocs, dict]] = []
+    for d in docs:
+        settings = {
+            "ngram": cfg.ngram, "data_fingerprint": data_fp, "tokenizer_sha256": meta_tok.get("sha256"),
+            "examples_sha256": hashlib.sha256(json.dumps(d.texts, ensure_ascii=False).encode()).hexdigest(),
+            "examples": len(d.texts),
+        }  # fmt: skip
+        path = out / f"{d.name}.json"
+        if path.is_file() and not force:
+            try:
+                have = read_json(path)
+            except (OSError, ValueError):
+                have = {}
+            if have.get("format") == FORMAT and have.get("settings") == settings:
+                result.reused.append(d.name)
+                continue
+            if have.get("format") == FORMAT:
+                diff = [k for k in settings if have.get("settings", {}).get(k) != settings[k]]
+                result.failed[d.name] = (
+                    f"{path} was computed with other {', '.join(diff)} (the task's examples, n, the data "
+                    "or the tokenizer changed); pass --force to replace it"
+                )
+                continue
+        todo.append((d, settings))
+    if not todo:
+        return result
+
+    tokenized: dict[str, list[np.ndarray]] = {}
+    for d, _ in todo:
+        ids: list[np.ndarray] = []
+        for i in range(0, len(d.texts), 1000):
+            ids += [np.asarray(x, dtype=np.int64) for x in tokenizer.encode_batch(d.texts[i : i + 1000])]
+        tokenized[d.name] = ids
+    index = build_eval_index(tokenized, cfg.ngram)
+    logger.info("contamination: %d examples of %d tasks, %d distinct %d-grams; scanning %d chunks",
+                index.num_examples, len(todo), len(index.hashes), cfg.ngram, store.num_chunks)
+    try:
+        scan = scan_training_data(store, index, workers=cfg.workers, block_tokens=cfg.block_tokens)
+    except Llm360Error as e:
+        for d, _ in todo:
+            result.failed[d.name] = f"scan of the training data failed: {e}"
+        return result
+    logger.info("scanned %.1f M training tokens in %.1f s (%.1f M tokens/s)", scan.tokens / 1e6, scan.seconds,
+                scan.tokens / 1e6 / max(scan.seconds, 1e-9))
+    for t, (d, settings) in enumerate(todo):
+        report = task_report(index, scan, t, store, tokenizer, cfg.examples, d.texts)
+        write_json(out / f"{d.name}.json", {"format": FORMAT, "version": VERSION, "task": d.name,
+                                             "source": d.source, "settings": settings, **report})
+        result.computed.append(d.name)
+    return result
+
+
+def task_report(
+    index: EvalIndex, scan: ScanResult, t: int, store: DataStore, tokenizer: Any, examples: int, texts: list[str]
+) -> dict[str, Any]:
+    """The numbers of task t (see the module docstring for the definitions)."""
+    n = index.n
+    found_g = scan.count[index.ngram_unique] > 0
+    # contaminated tokens: covered by a found n-gram (difference array over the concatenated tokens)
+    diff = np.zeros(len(index.tokens) + 1, dtype=np.int64)
+    np.add.at(diff, index.ngram_start[found_g], 1)
+    np.add.at(diff, index.ngram_start[found_g] + n, -1)
+    covered = np.cumsum(diff[:-1]) > 0
+    ex = np.flatnonzero(index.example_task == t)
+    offs = index.example_offsets
+    lengths = offs[ex + 1] - offs[ex]
+    covered_cum = np.concatenate([[0], np.cumsum(covered)])
+    contaminated = covered_cum[offs[ex + 1]] - covered_cum[offs[ex]]
+    share = np.where(lengths > 0, contaminated / np.maximum(lengths, 1), 0.0)
+    # first chunk of each example: the earliest chunk holding any of its n-grams
+    big = np.iinfo(np.int64).max
+    first_chunk_g = np.where(found_g, scan.first_chunk[index.ngram_unique], big)
+    first_chunk_e = np.full(index.num_examples, big, dtype=np.int64)
+    np.minimum.at(first_chunk_e, index.ngram_example, first_chunk_g)
+    first_chunk = first_chunk_e[ex]
+    any_hit = first_chunk < big
+    first_chunk = np.where(any_hit, first_chunk, -1)
+    E = len(ex)
+
+    def bucket(mask: np.ndarray) -> dict[str, Any]:
+        return {"examples": int(mask.sum()), "share": round(float(mask.mean()), 6) if E else None}
+
+    assert scan.chunk_task_hits is not None
+    local = {int(e): i for i, e in enumerate(ex)}
+    chunks = []
+    for c in sorted(scan.chunk_examples):
+        mine = [local[int(e)] for e in scan.chunk_examples[c] if int(e) in local]
+        if mine:
+            chunks.append({"chunk": c, "checkpoint": f"ckpt_{index_name(c)}", "examples": len(mine),
+                           "ngram_occurrences": int(scan.chunk_task_hits[t, c])})  # fmt: skip
+    seen_by = [int((any_hit & (first_chunk <= c)).sum()) for c in range(store.num_chunks)]
+    first_ckpt = int(first_chunk[any_hit].min()) if any_hit.any() else None
+    return {
+        "ngram": n,
+        "examples": E,
+        "examples_shorter_than_ngram": int((lengths < n).sum()),
+        "tokens": int(lengths.sum()),
+        "contaminated_examples": int(any_hit.sum()),
+        "contaminated_share": round(float(any_hit.mean()), 6) if E else None,
+        "contaminated_tokens_share": round(float(contaminated.sum() / max(lengths.sum(), 1)), 6),
+        "mean_example_contamination": round(float(share.mean()), 6) if E else None,
+        "buckets": {
+            "clean": bucket(share < CLEAN_BELOW), "not_clean": bucket(share >= CLEAN_BELOW),
+            "not_dirty": bucket(share < DIRTY_AT_LEAST), "dirty": bucket(share >= DIRTY_AT_LEAST),
+        },  # fmt: skip
+        "thresholds": {"clean_below": CLEAN_BELOW, "dirty_at_least": DIRTY_AT_LEAST,
+                       "source": "Llama 2 (Touvron et al. 2023, arXiv:2307.09288), appendix A.6"},  # fmt: skip
+        "chunks": chunks,
+        "first_checkpoint_that_saw_it": f"ckpt_{index_name(first_ckpt)}" if first_ckpt is not None else None,
+        "contaminated_examples_seen_by_checkpoint": seen_by,
+        "per_example": {"contamination": [round(float(s), 4) for s in share], "first_chunk": first_chunk.tolist()},
+        "top_examples": _top_examples(index, scan, ex, share, first_chunk, store, tokenizer, examples, texts),
+        "scan": {"training_tokens": scan.tokens, "seconds": round(scan.seconds, 3),
+                 "tokens_per_second": round(scan.tokens / max(scan.seconds, 1e-9))},  # fmt: skip
+    }
+
+
+def _top_examples(
+    index: EvalIndex, scan: ScanResult, ex: np.ndarray, share: np.ndarray, first_chunk: np.ndarray,
+    store: DataStore, tokenizer: Any, k: int, texts: list[str],
+) -> list[dict[str, Any]]:  # fmt: skip
+    order = sorted((i for i in range(len(ex)) if first_chunk[i] >= 0), key=lambda i: (-share[i], i))[:k]
+    out = []
+    n = index.n
+    for i in order:
+        e = int(ex[i])
+        g = np.flatnonzero(index.ngram_example == e)
+        u = index.ngram_unique[g]
+        hit = scan.count[u] > 0
+        g, u = g[hit], u[hit]
+        best = int(np.argmin(scan.first_chunk[u] * (1 << 40) + scan.first_row[u]))
+        uu, gg = int(u[best]), int(g[best])
+        c, r, col = int(scan.first_chunk[uu]), int(scan.first_row[uu]), int(scan.first_col[uu])
+        row = np.asarray(store.chunk(c)[r], dtype=np.int64)
+        start = int(index.ngram_start[gg])
+        out.append({
+            "index": i,
+            "contamination": round(float(share[i]), 4),
+            "text": texts[i][:500],
+            "matched_ngram": tokenizer.decode(index.tokens[start : start + n].tolist()),
+            "first_occurrence": {"chunk": c, "row": r, "position": col, "checkpoint": f"ckpt_{index_name(c)}"},
+            "training_context": tokenizer.decode(row[max(0, col - 16) : col + n + 16].tolist()),
+            "ngram_occurrences": int(scan.count[u].sum()),
+        })  # fmt: skip
+    return out
