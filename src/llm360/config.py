@@ -714,4 +714,7 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config (atomically) to path."""
     from llm360.utils import atomic_write_text
 
-    atomic_write_text(Path(path), to_yaml(cfg))
+    text, path = to_yaml(cfg), Path(path)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return  # unchanged: keep the file (and its mtime) as it is
+    atomic_write_text(path, text)

@@ -89,10 +89,14 @@ def run_all(cfg: RunConfig, run_dir: Path, *, workers: int = 1, replay_chunk: in
     for item, why in mem.failed.items():
         logger.warning("memorization: %s: %s", item, why)
     stage(5, "analyze contamination")
-    con = analyze_contamination(run_dir, cfg.analysis.contamination)
-    done["contamination"] = f"{len(con.computed)} tasks scanned" if con.computed else "up to date"
-    for item, why in con.failed.items():
-        logger.warning("contamination: %s: %s", item, why)
+    if not cfg.analysis.contamination.tasks:
+        done["contamination"] = "up to date (no tasks in analysis.contamination.tasks)"
+        logger.info("no evaluation sets configured (analysis.contamination.tasks): skipped")
+    else:
+        con = analyze_contamination(run_dir, cfg.analysis.contamination)
+        done["contamination"] = f"{len(con.computed)} tasks scanned" if con.computed else "up to date"
+        for item, why in con.failed.items():
+            logger.warning("contamination: %s: %s", item, why)
 
     state = _state(run_dir)
     fp0 = fingerprint(run_dir, with_report=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 _BUF = 1 << 20
+_SAME_CHECK_MAX = 16 << 20  # files up to this size are compared before being rewritten
 
 
 def sha256_file(path: str | Path) -> str:
@@ -43,6 +44,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write data to path via a temporary file, fsync, then rename: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the same bytes are already there: leave the file (and its mtime) alone
+        if path.stat().st_size == len(data) and len(data) <= _SAME_CHECK_MAX and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)

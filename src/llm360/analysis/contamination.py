@@ -545,7 +545,7 @@ class _LmEval:
             raise AnalysisError(f"task file {spec} not found")
         tm = self.manager(defaults=not is_yaml)  # a task file needs no index of lm-eval's own tasks
         if not is_yaml and spec not in tm.all_tasks:
-            close = difflib.get_close_matches(spec, tm.all_tasks, n=3)
+            close = difflib.get_close_matches(spec, tm.all_tasks, n=3, cutoff=0.75)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise AnalysisError(f"task '{spec}' is neither a file nor an lm-eval task name{hint}")
         try:
@@ -619,8 +619,8 @@ def load_tasks(specs: Sequence[str], cfg: ContaminationConfig) -> tuple[list[Tas
             else:
                 docs += lm.load(spec, cfg.limit)
         except Llm360Error as e:
-            failed[spec] = str(e)
-            logger.error("task %s: %s", spec, e)
+            failed[spec] = str(e)  # reported by the caller (result.failed), not logged twice
+            logger.debug("task %s: %s", spec, e)
     seen: dict[str, int] = {}
     for d in docs:  # two specs with the same name get distinct output files
         if d.name in seen:

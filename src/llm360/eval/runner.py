@@ -295,7 +295,6 @@ class _Results:
             "columns": table.columns,
             "rows": table.rows,
             "tasks": tasks_meta,
-            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_text(self.root / SUMMARY_JSON, _dump(summary))
         atomic_write_text(self.root / SUMMARY_CSV, table.to_csv())

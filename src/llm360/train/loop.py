@@ -216,14 +216,15 @@ class Trainer:
         elif self.init_from is not None:
             self._init_from(self.init_from)
         dropped = 0
-        if latest is not None and self.info.is_main:
+        resuming = latest is not None and self.state.step < self.stop_step  # not when already finished
+        if resuming and self.info.is_main:
             # steps after the checkpoint will run again: their lines go (before the writer opens the file)
             dropped = truncate_jsonl_from_step(self.rd.metrics / "train.jsonl", self.state.step)
         self.metrics = MetricsLogger(
             self.rd.metrics, tcfg, enabled=self.info.is_main, run_name=self.cfg.name,
             config=self.cfg.model_dump(mode="json"),
         )
-        if latest is not None:
+        if resuming:
             self.metrics.event("resume", step=self.state.step, checkpoint=latest.name,
                                world_size=world, metrics_lines_dropped=dropped)
         elif self.init_from is not None:

@@ -59,10 +59,16 @@ def truncate_jsonl_from_step(path: Path, step: int) -> int:
                 dropped += 1
                 continue
             keep.append(line if line.endswith("\n") else line + "\n")
+    if not dropped:
+        return 0  # nothing to drop: leave the file untouched
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep), encoding="utf-8")
     os.replace(tmp, path)
     return dropped
+
+
+_ROUTINE_EVENTS = {"resume", "init_from", "rows_unused"}
+"""Events that are part of normal operation (logged at INFO); every other kind is a warning."""
 
 
 class MetricsLogger:
@@ -112,7 +118,8 @@ class MetricsLogger:
             return
         rec = {"event": kind, "time": time.time(), **fields}
         self.events.write(rec)
-        logger.warning("event %s: %s", kind, {k: v for k, v in fields.items()})
+        level = logging.INFO if kind in _ROUTINE_EVENTS else logging.WARNING
+        logger.log(level, "event %s: %s", kind, {k: v for k, v in fields.items()})
         if self.wandb is not None:
             self.wandb.log({"events/" + kind: 1}, step=int(fields.get("step", 0)))
 

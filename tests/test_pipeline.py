@@ -1,0 +1,80 @@
+"""`llm360 run`: every stage on one run directory; resumes when interrupted; says when all is done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llm360.cli import main as cli_main
+from llm360.config import to_yaml
+from llm360.release.verify import verify
+from test_train import tiny_run_config
+
+
+def _config(tmp: Path) -> Path:
+    cfg = tiny_run_config(tmp)
+    raw_yaml = to_yaml(cfg)
+    path = tmp / "run.yaml"
+    path.write_text(raw_yaml)
+    return path
+
+
+def test_run_all_stages_then_nothing_to_do(tmp_path: Path, capsys):
+    cfg = _config(tmp_path)
+    run = tmp_path / "run"
+    args = ["--no-progress", "run", str(cfg), "--run-dir", str(run),
+            "--set", "eval.tasks=[perplexity]", "--set", "analysis.memorization.rows_per_chunk=16",
+            "--set", "analysis.memorization.prompt_tokens=16",
+            "--set", "analysis.memorization.continuation_tokens=16"]
+    assert cli_main(args) == 0
+    for rel in ("data/manifest.json", "checkpoints/ckpt_002/COMPLETE.json", "eval/summary.json",
+                "analysis/memorization/summary.json", "report/index.html", "release/SHA256SUMS",
+                "release/MODEL_CARD.md", "release/report/index.html"):
+        assert (run / rel).is_file(), rel
+    assert verify(run / "release").ok
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    assert "everything is done" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes(tmp_path: Path):
+    cfg = _config(tmp_path)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "llm360.cli", "--no-progress", "run", str(cfg), "--run-dir", str(run),
+           "--set", "eval.tasks=[perplexity]", "--set", "analysis.memorization.rows_per_chunk=16",
+            "--set", "analysis.memorization.prompt_tokens=16",
+            "--set", "analysis.memorization.continuation_tokens=16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "checkpoints" / "ckpt_000" / "COMPLETE.json").exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "release").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume" in (run / "metrics" / "events.jsonl").read_text()
+    assert verify(run / "release").ok
+
+
+@pytest.mark.slow
+def test_embedded_default_end_to_end(tmp_path: Path):
+    """`make demo`: the embedded default leaves a verified release and its report."""
+    run = tmp_path / "demo"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "llm360.cli", "--no-progress", "run", "--run-dir", str(run)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    elapsed = time.monotonic() - t0
+    assert verify(run / "release").ok
+    assert (run / "release" / "data" / "sources" / "licenses.jsonl.gz").is_file()
+    html = (run / "report" / "index.html").read_text()
+    assert "Memorization" in html and "Contamination" in html
+    print(f"embedded default end to end: {elapsed:.0f} s")
