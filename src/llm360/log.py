@@ -38,6 +38,10 @@ def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    # lm-eval warns about every task that builds its data in code, as llm360's demo tasks do
+    logging.getLogger("lm_eval.api.task").addFilter(
+        lambda rec: "Custom kwargs can be passed" not in rec.getMessage()
+    )
 
 
 class ProgressTask(Protocol):
