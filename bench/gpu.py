@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from llm360.config import MODEL_PRESETS, ModelConfig
+from llm360.model.hf import reference_model
 from llm360.model.llama import Llama, flops_per_token, num_parameters
 
 
@@ -66,16 +67,8 @@ def matmul_tflops(n: int, device: torch.device, reps: int = 10) -> float:
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hc = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        attn_implementation="sdpa", use_cache=False,
-    )  # fmt: skip
-    return LlamaForCausalLM(hc)
+    """transformers' LlamaForCausalLM with the same architecture (the baseline)."""
+    return reference_model(cfg, attn_implementation="sdpa", use_cache=False)
 
 
 def measure(

@@ -401,3 +401,18 @@ def _check_keys(
             if keys
         ]
         raise CheckpointError(f"{folder}: weights do not match {what}: " + "; ".join(parts))
+
+
+def reference_model(cfg: ModelConfig, **config_overrides: Any) -> torch.nn.Module:
+    """transformers' own model for cfg (LlamaForCausalLM, or StableLM for LayerNorm), randomly initialised.
+
+    The baseline of parity tests and benchmarks: same architecture, HF's implementation.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = hf_config_dict(cfg, eos_token_id=None)
+    d.pop("architectures", None)
+    d.pop("torch_dtype", None)
+    model_type = d.pop("model_type")
+    hc = AutoConfig.for_model(model_type, **{**d, **config_overrides})
+    return AutoModelForCausalLM.from_config(hc)

@@ -680,6 +680,12 @@ def _optimizer_payload(
     return tensors, _json_payload(meta, "optimizer hyperparameters/state")
 
 
+def _name_mismatch(what: str, a_label: str, a: list[str], b_label: str, b: list[str]) -> str:
+    """'what: a_label: x, y; b_label: z' for two lists of names, either possibly empty."""
+    parts = [f"{label}: {_some(names)}" for label, names in ((a_label, a), (b_label, b)) if names]
+    return f"{what}: " + "; ".join(parts)
+
+
 def _optimizer_state_dict(
     optimizer: torch.optim.Optimizer,
     names: Mapping[int, str],
@@ -743,12 +749,8 @@ def _optimizer_state_dict(
     missing = sorted(saved_all - ours)
     extra = sorted(ours - saved_all)
     if strict and (missing or extra):
-        problems.append(
-            "optimizer parameters differ by name: "
-            + (f"in the checkpoint only: {_some(missing)}" if missing else "")
-            + ("; " if missing and extra else "")
-            + (f"in the optimizer only: {_some(extra)}" if extra else "")
-        )
+        problems.append(_name_mismatch("optimizer parameters differ by name", "in the checkpoint only", missing,
+                                       "in the optimizer only", extra))
     elif missing or extra:
         logger.warning(
             "optimizer state loaded by name; %d names only in checkpoint, %d only in optimizer",
@@ -1036,12 +1038,8 @@ def load_checkpoint(
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if strict and (missing or unexpected):
-        problems.append(
-            "weight names do not match the model: "
-            + (f"missing from the checkpoint: {_some(missing)}" if missing else "")
-            + ("; " if missing and unexpected else "")
-            + (f"not in the model: {_some(unexpected)}" if unexpected else "")
-        )
+        problems.append(_name_mismatch("weight names do not match the model", "missing from the checkpoint",
+                                       missing, "not in the model", unexpected))
     elif missing or unexpected:
         logger.warning(
             "loading %s non-strictly: %d weights missing, %d unexpected", d, len(missing), len(unexpected)
