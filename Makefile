@@ -17,7 +17,7 @@ $(VENV)/.created:
 venv: $(VENV)/.created
 
 install: venv
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[eval]"
 
 install-test: venv
 	$(PIP) install -q -e ".[test]"
