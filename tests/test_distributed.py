@@ -54,6 +54,20 @@ def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, pa
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
 
+    dcp_copy = tmp_path / "dist" / "checkpoints" / "dcp" / "ckpt_000"
+    assert (dcp_copy / "llm360_dcp.json").is_file() == (parallelism == "fsdp")
+    if parallelism == "fsdp":
+        # chunk 1 on two ranks again: each reads its own shards from the sharded copy
+        raw["train"]["max_chunks"] = 2
+        cfg_path.write_text(to_yaml(validate_config(raw)))
+        torchrun(2, cfg_path, tmp_path / "dist")
+        resume = [e for e in read_jsonl(tmp_path / "dist" / "metrics" / "events.jsonl") if e["event"] == "resume"]
+        assert resume[-1]["sharded"] is True and resume[-1]["world_size"] == 2
+        from llm360.release.build import release
+
+        rel = release(tmp_path / "dist", tmp_path / "rel")
+        assert not (rel / "checkpoints" / "dcp").exists()
+
     # the rest of the run on ONE process, resuming the two-process checkpoint
     train(cfg, tmp_path / "dist")
     events = read_jsonl(tmp_path / "dist" / "metrics" / "events.jsonl")
@@ -61,6 +75,7 @@ def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, pa
     assert resume and resume[-1]["world_size"] == 1
     state = json.loads((tmp_path / "dist" / "checkpoints" / "ckpt_002" / "trainer_state.json").read_text())
     assert state["world_size_history"] == [2, 1]
+    assert resume[-1]["sharded"] is False
     wa = load_file(str(tmp_path / "single" / "checkpoints" / "ckpt_002" / "model.safetensors"))
     wb = load_file(str(tmp_path / "dist" / "checkpoints" / "ckpt_002" / "model.safetensors"))
     for k in wa:

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 SUMS = "SHA256SUMS"
 # What goes into a release, relative to the run directory.
 _INCLUDE_DIRS = ("data", "checkpoints", "metrics", "eval", "analysis", "finetune", "report")
-_EXCLUDE_PARTS = {"steps", "wandb", "__pycache__"}
+_EXCLUDE_PARTS = {"steps", "dcp", "wandb", "__pycache__"}  # dcp: sharded resume copies (pickled metadata)
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".distcp")
 
 

@@ -6,13 +6,18 @@ Without torchrun everything here is a no-op with world size 1.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from llm360.utils import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +167,52 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
     for n, st in osd["state"].items():
         full_opt.state[params[n]] = st
     return msd, full_opt, {id(p): n for n, p in params.items()}
+
+
+# ------------------------------------------------------------- sharded copies (resume accelerator)
+# Beside the consolidated files, an FSDP run also writes its sharded state with
+# torch.distributed.checkpoint to checkpoints/dcp/<name>/: each rank writes and later reads only its
+# own shards, so resuming a large run needs no rank to hold the full optimizer state. These copies
+# are not part of a release (DCP's .metadata is a pickle); the consolidated checkpoint stays the
+# record, and is what a resume on another setup, or without the copy, reads.
+DCP_MARKER = "llm360_dcp.json"
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, step: int, info: DistInfo) -> None:
+    """Every rank: write the sharded model + optimizer state to folder (tmp, then rename; marker last)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(info)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    barrier(info)
+    if info.is_main:
+        (tmp / DCP_MARKER).write_text(json.dumps({"step": step, "world_size": info.world_size}) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+    barrier(info)
+
+
+def sharded_copy_step(folder: Path) -> int | None:
+    """The optimizer step a complete sharded copy holds, or None."""
+    try:
+        return int(json.loads((folder / DCP_MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank: read its shards of model and optimizer state from a sharded copy."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

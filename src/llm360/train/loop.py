@@ -43,8 +43,11 @@ from llm360.train.distributed import (
     init_distributed,
     is_sharded,
     load_full_optimizer_state,
+    load_sharded,
     named_optimizer_state,
     parallelize,
+    save_sharded,
+    sharded_copy_step,
 )
 from llm360.train.metrics import MetricsLogger, truncate_jsonl_from_step
 from llm360.train.optim import build_optimizer, lr_at, set_lr
@@ -149,6 +152,7 @@ class Trainer:
         self._explicit_data = Path(data_dir) if data_dir else None
         self._injected: set[int] = set()
         self.replay_skip_steps: set[int] = set()
+        self.sharded_resume = False
         """Steps to skip as the original run's guards did (set by `llm360 verify --replay`)."""
         inject = os.environ.get(INJECT_ENV, "")
         self._inject_steps = {int(s) for s in inject.split(",") if s.strip()}
@@ -226,6 +230,7 @@ class Trainer:
         )
         if resuming:
             self.metrics.event("resume", step=self.state.step, checkpoint=latest.name,
+                               sharded=self.sharded_resume,
                                world_size=world, metrics_lines_dropped=dropped)
         elif self.init_from is not None:
             self.metrics.event("init_from", step=0, checkpoint=str(self.init_from),
@@ -241,7 +246,10 @@ class Trainer:
         self.train_model = parallelize(self.model, tcfg.parallelism, self.info, tcfg.activation_checkpointing)
         if named_opt is not None:  # FSDP2 replaced the parameters by shards: a new optimizer over them
             self.optimizer = build_optimizer(self.model, tcfg)
-            load_full_optimizer_state(self.model, self.optimizer, named_opt)
+            if self.sharded_resume:
+                load_sharded(self.model, self.optimizer, self.rd.checkpoints / "dcp" / latest.name)
+            else:
+                load_full_optimizer_state(self.model, self.optimizer, named_opt)
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
         use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and self.info.device.type == "cuda")
@@ -258,10 +266,17 @@ class Trainer:
                 f"config: run id {saved.run_id[:12]} vs {self.run_id[:12]}). Use a new --run-dir, or "
                 f"--init-from {latest} to start a new run from it. Compare with {latest / 'config.yaml'}."
             )
-        res = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+        dcp_dir = self.rd.checkpoints / "dcp" / latest.name
+        self.sharded_resume = (
+            self.tcfg.parallelism == "fsdp" and self.info.enabled and sharded_copy_step(dcp_dir) == saved.step
+        )
+        # with a sharded copy the optimizer state comes from it, shard by shard, after fully_shard
+        opt = None if self.sharded_resume else self.optimizer
+        res = ckpt.load_checkpoint(latest, self.model, opt, strict=opt is not None)
         ckpt.restore_rng(res["rng_state"])
         self.state = saved
-        logger.info("resuming from %s at step %d", latest, saved.step)
+        logger.info("resuming from %s at step %d%s", latest, saved.step,
+                    " (sharded state from checkpoints/dcp)" if self.sharded_resume else "")
 
     def _init_from(self, src: Path) -> None:
         if not src.is_dir():
@@ -318,6 +333,9 @@ class Trainer:
             )
             logger.info("saved %s (%.1fs)", target.relative_to(self.rd.root), time.perf_counter() - t0)
         barrier(self.info)
+        if is_sharded(self.model) and self.optimizer.state:
+            save_sharded(self.model, self.optimizer, self.rd.checkpoints / "dcp" / target.name, self.state.step,
+                         self.info)
         return target
 
     def _cursor(self) -> dict:
