@@ -201,6 +201,12 @@ class Trainer:
             raise ConfigError(
                 f"train.global_batch_sequences = {B} does not split over {world} ranks; use a multiple of {world}"
             )
+        rollbacks = {tcfg.guards.nonfinite_policy, tcfg.guards.spike_policy} & {"rollback_skip_chunk", "rollback_reseed"}
+        if tcfg.parallelism == "fsdp" and world > 1 and rollbacks:
+            raise ConfigError(
+                f"train.guards: {sorted(rollbacks)[0]} is not supported with FSDP yet (rolling back sharded "
+                "state in place); use skip_step or stop, or parallelism: ddp"
+            )
         self.index = StepIndex(self.store.rows_per_chunk, B)
         self.total_steps = self.index.total_steps
         n_chunks = self.store.num_chunks if tcfg.max_chunks is None else min(tcfg.max_chunks, self.store.num_chunks)
