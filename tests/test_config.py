@@ -82,3 +82,14 @@ def test_file_with_preset_key_overrides_preset(tmp_path: Path):
     p.write_text("preset: amber\ndata:\n  seq_len: 1024\n")
     cfg = load_config(p)
     assert cfg.data.seq_len == 1024 and cfg.data.stages[0].chunks == 360
+
+
+def test_every_field_is_documented():
+    from llm360.config import field_docs
+
+    rows = field_docs()
+    keys = [k for k, _, _ in rows]
+    assert "data.seq_len" in keys and "train.guards.nonfinite_policy" in keys and "model.hidden_size" in keys
+    assert "analysis.memorization.prompt_tokens" in keys and "finetune.sft.lr" in keys
+    undocumented = [k for k, _, doc in rows if not doc.strip()]
+    assert not undocumented, f"fields without a docstring: {undocumented}"

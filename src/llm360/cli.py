@@ -30,7 +30,8 @@ def _add_config_args(p: argparse.ArgumentParser, *, positional: bool = True) -> 
     p.add_argument("--preset", help="start from a preset: embedded, amber, crystalcoder")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set data.seq_len=512 (repeatable)",
+        help="override a config field, e.g. --set data.seq_len=512 (repeatable; every field with its meaning: "
+        "`llm360 config fields`)",
     )
 
 
@@ -249,6 +250,19 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_fields(args: argparse.Namespace) -> int:
+    from llm360.config import field_docs
+
+    table = Table(title="config fields (set with --set KEY=VALUE or in a YAML file)")
+    for col in ("key", "default", "meaning"):
+        table.add_column(col, overflow="fold")
+    for key, default, doc in field_docs():
+        if key.startswith(args.prefix or ""):
+            table.add_row(key, escape(default), escape(doc))
+    console.print(table)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from llm360.pipeline import run_all
 
@@ -372,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs = csub.add_parser("show")
     _add_config_args(cs)
     cs.set_defaults(func=cmd_config_show)
+    cf = csub.add_parser("fields", help="every config field: key, default and meaning")
+    cf.add_argument("prefix", nargs="?", help="only keys starting with this, e.g. train.guards")
+    cf.set_defaults(func=cmd_config_fields)
 
     sp = sub.add_parser("run", help="every stage, in order, on one run directory")
     _add_config_args(sp)

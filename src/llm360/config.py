@@ -710,6 +710,37 @@ def _emit(model: BaseModel, indent: int, lines: list[str]) -> None:
             lines.append(f"{pad}{name}: {_scalar(dumped)}")
 
 
+def field_docs(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) of every config field, sections expanded."""
+    model = model or RunConfig
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        inner = _inner_model(field.annotation)
+        if inner is not None and not _is_list(field.annotation):
+            rows.extend(field_docs(inner, key + "."))
+            continue
+        if field.is_required():
+            default = "(required)"
+        else:
+            value = field.get_default(call_default_factory=True)
+            if isinstance(value, BaseModel):
+                value = value.model_dump(mode="json")
+            elif isinstance(value, list):
+                value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+            default = _scalar(list(value) if isinstance(value, tuple) else value)
+        rows.append((key, default, field.description or ""))
+    return rows
+
+
+def _is_list(annotation: Any) -> bool:
+    import typing
+
+    return typing.get_origin(annotation) is list or any(
+        typing.get_origin(a) is list for a in typing.get_args(annotation)
+    )
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config (atomically) to path."""
     from llm360.utils import atomic_write_text
