@@ -278,8 +278,15 @@ def test_tensorboard_sink_and_missing_wandb_is_a_clear_error(tmp_path: Path):
     train(cfg, tmp_path / "run")
     events = list((tmp_path / "run" / "metrics" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    cfg2 = tiny_run_config(tmp_path, wandb="offline", max_chunks=1)
+    prepare(cfg2, tmp_path / "run2")
     if importlib.util.find_spec("wandb") is None:
-        cfg2 = tiny_run_config(tmp_path, wandb="offline")
-        prepare(cfg2, tmp_path / "run2")
         with pytest.raises(ConfigError, match="pip install wandb"):
             train(cfg2, tmp_path / "run2")
+    else:  # offline: the run is written locally for a later `wandb sync`
+        import os
+
+        os.environ["WANDB_SILENT"] = "true"
+        train(cfg2, tmp_path / "run2")
+        runs = list((tmp_path / "run2" / "metrics" / "wandb").glob("offline-run-*"))
+        assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
