@@ -159,13 +159,15 @@ def main() -> None:
         cfg = prepare_config(corpus, tok_path, tmp)
         print(f"corpus: {n_docs} documents, {corpus.stat().st_size / 1e6:.1f} MB; cores: {os.cpu_count()}")
 
-        t_floor, n_floor = bench_floor(corpus, tok_path)
-        t_ds, n_ds = bench_datasets(corpus, tok_path, args.workers, tmp)
+        # llm360 first (fresh processes), then the in-process baselines: datasets' worker pools and
+        # caches must not be running or warm while llm360 is measured
         results = {}
         for w in sorted({1, args.workers}):
             shutil.rmtree(tmp / f"run{w}", ignore_errors=True)
             t, rss, n = run_prepare(cfg, tmp / f"run{w}", w)
             results[w] = (t, rss, n)
+        t_floor, n_floor = bench_floor(corpus, tok_path)
+        t_ds, n_ds = bench_datasets(corpus, tok_path, args.workers, tmp)
         floor_tps = n_floor / t_floor
         ds_tps = n_ds / t_ds
         print(f"{'what':<44}{'seconds':>9}{'tokens':>12}{'tokens/s':>12}")

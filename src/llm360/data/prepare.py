@@ -171,6 +171,13 @@ class _Encoder:
         self.tok = tok
         self.workers = workers
         self.pool = None
+        self.thread = None
+        if workers == 1:
+            # one encoding thread: `tokenizers` releases the GIL (and uses every core) while it
+            # encodes, so reading and hashing the next batch overlaps with encoding this one
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm360-encode")
         if workers > 1:
             import multiprocessing as mp
 
@@ -179,24 +186,30 @@ class _Encoder:
             self.pool = ctx.Pool(workers, initializer=_worker_init, initargs=(kind, blob, tok.eos_token))
 
     def submit(self, texts: list[str]) -> Any:
-        if self.pool is None:
-            return _encode_flat(self.tok, texts)
+        if self.thread is not None:
+            return self.thread.submit(_encode_flat, self.tok, texts)
         return self.pool.apply_async(_worker_encode, (texts,))
 
     def result(self, handle: Any) -> tuple[np.ndarray, np.ndarray]:
-        return handle if self.pool is None else handle.get()
+        return handle.result() if self.thread is not None else handle.get()
 
     @property
     def max_pending(self) -> int:
-        return 1 if self.pool is None else 2 * self.workers
+        return 2 if self.thread is not None else 2 * self.workers
 
     def close(self) -> None:
+        if self.thread is not None:
+            self.thread.shutdown(wait=True)
+            self.thread = None
         if self.pool is not None:
             self.pool.close()
             self.pool.join()
             self.pool = None
 
     def terminate(self) -> None:
+        if self.thread is not None:
+            self.thread.shutdown(wait=True, cancel_futures=True)
+            self.thread = None
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
