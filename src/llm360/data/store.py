@@ -160,14 +160,19 @@ class DataStore:
         lo, hi = np.searchsorted(prov["row"], [row, row + 1])
         sources = self.manifest["data_config"]["sources"]
         names = self.manifest["source_names"]
+        recs = prov[lo:hi]
+        wanted: dict[str, set[int]] = {}
+        for rec in recs:
+            wanted.setdefault(sources[int(rec["table"])]["name"], set()).add(int(rec["doc"]))
+        found = {table: self.documents(table, ns) for table, ns in wanted.items()}
         out = []
-        for rec in prov[lo:hi]:
+        for rec in recs:
             table = sources[int(rec["table"])]["name"]
             out.append({
                 "source": names[int(rec["source"])],
                 "table": table,
                 "doc": int(rec["doc"]),
-                "doc_id": self.document(table, int(rec["doc"])).get("id"),
+                "doc_id": found[table][int(rec["doc"])].get("id"),
                 "row_offset": int(rec["row_offset"]),
                 "length": int(rec["length"]),
                 "doc_offset": int(rec["doc_offset"]),
@@ -176,12 +181,23 @@ class DataStore:
 
     def document(self, source: str, n: int) -> dict:
         """Line n of data/documents/<source>.jsonl.gz (streamed)."""
+        return self.documents(source, {n})[n]
+
+    def documents(self, source: str, numbers: set[int]) -> dict[int, dict]:
+        """The given lines of data/documents/<source>.jsonl.gz, in one streamed pass."""
         path = self.dir / "documents" / f"{source}.jsonl.gz"
+        out: dict[int, dict] = {}
+        last = max(numbers, default=-1)
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for i, line in enumerate(f):
-                if i == n:
-                    return json.loads(line)
-        raise DataError(f"document {n} not found in {path}")
+                if i in numbers:
+                    out[i] = json.loads(line)
+                if i >= last:
+                    break
+        missing = sorted(numbers - set(out))
+        if missing:
+            raise DataError(f"document {missing[0]} not found in {path}")
+        return out
 
     def valid(self, source: str) -> np.ndarray | None:
         meta = self.manifest.get("valid", {}).get(source)
