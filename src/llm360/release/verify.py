@@ -50,15 +50,17 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_sums(root: Path, report: VerifyReport) -> None:
+def _check_sums(root: Path, report: VerifyReport) -> dict[str, str]:
+    """Check every file against SHA256SUMS; returns the sha256 computed for each file read."""
+    computed: dict[str, str] = {}
     if not (root / SUMS).is_file():
         report.problems.append(f"{SUMS} is missing: cannot check the release's files")
-        return
+        return computed
     try:
         sums = read_sums(root)
     except ReleaseError as e:
         report.problems.append(str(e))
-        return
+        return computed
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {SUMS}
     bad = 0
     with progress("checking sha256", total=len(sums), unit="files") as bar:
@@ -67,18 +69,21 @@ def _check_sums(root: Path, report: VerifyReport) -> None:
             if not p.is_file():
                 report.problems.append(f"missing file: {rel} (listed in {SUMS})")
                 bad += 1
-            elif sha256_file(p) != h:
-                report.problems.append(f"sha256 mismatch: {rel}")
-                bad += 1
+            else:
+                computed[rel] = sha256_file(p)
+                if computed[rel] != h:
+                    report.problems.append(f"sha256 mismatch: {rel}")
+                    bad += 1
             bar.advance(1)
     for rel in sorted(present - set(sums)):
         report.problems.append(f"unlisted file: {rel} (not in {SUMS})")
         bad += 1
     if not bad:
         report.passed.append(f"{len(sums)} files match {SUMS}, none extra")
+    return computed
 
 
-def _check_consistency(root: Path, report: VerifyReport) -> None:
+def _check_consistency(root: Path, report: VerifyReport, computed: dict[str, str]) -> None:
     from llm360.train.checkpoint import verify_checkpoint
 
     try:
@@ -96,7 +101,7 @@ def _check_consistency(root: Path, report: VerifyReport) -> None:
                                f"{cfg.data_hash()[:12]} vs {str(manifest.get('config_hash'))[:12]})")
     for rel, meta in (manifest.get("files") or {}).items():
         p = root / "data" / rel
-        if p.is_file() and sha256_file(p) != meta.get("sha256"):
+        if p.is_file() and (computed.get(f"data/{rel}") or sha256_file(p)) != meta.get("sha256"):
             report.problems.append(f"data/{rel} does not match its sha256 in data/manifest.json")
     n_chunks = int(manifest.get("num_chunks", 0))
     trained = n_chunks if cfg.train.max_chunks is None else min(n_chunks, cfg.train.max_chunks)
@@ -264,8 +269,8 @@ def verify(release_dir: str | Path, *, replay: list[int] | None = None, rederive
     if not root.is_dir():
         raise ReleaseError(f"{root} is not a folder")
     report = VerifyReport(root)
-    _check_sums(root, report)
-    _check_consistency(root, report)
+    computed = _check_sums(root, report)
+    _check_consistency(root, report, computed)
     for i in replay or []:
         res = replay_chunk(root, i)
         report.replays.append(res)
