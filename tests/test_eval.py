@@ -30,15 +30,6 @@ GEN = "llm360_demo_complete_line"
 # ------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a busy CI box spinning threads are very slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train_a_little(model: Llama, rows: torch.Tensor, steps: int, seed: int) -> None:
     """A few AdamW steps so the model's distributions are peaked (no near-ties in greedy decoding)."""
     g = torch.Generator().manual_seed(seed)

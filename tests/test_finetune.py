@@ -56,18 +56,9 @@ def _handmade_checkpoint(run: Path, name: str = "ckpt_000", tokenizer_overrides:
                            extra_files=extra)  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 32-wide model gains nothing from intra-op threads, and on a busy 2-core machine they cost 3-5x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A prepared tiny run with checkpoints/ckpt_000 (from the trainer when it runs, else written like it)."""
+    """A prepared tiny run with checkpoints/ckpt_000 written by the trainer."""
     from llm360.data.prepare import prepare
 
     tmp = tmp_path_factory.mktemp("ft")

@@ -29,13 +29,6 @@ from llm360.model.llama import Llama
 K = L = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add overhead (and thrash on a loaded CI machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 MEMO = MemorizationConfig(prompt_tokens=K, continuation_tokens=L, rows_per_chunk=16, batch_size=16, device="cpu")
 
 
