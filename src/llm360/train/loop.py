@@ -21,6 +21,7 @@ import statistics
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +223,7 @@ class Trainer:
             self.state.data_dir = str(data_dir.resolve())
 
         if latest is not None:
-            self._resume(latest)
+            self._resume(latest, saved)
         elif self.init_from is not None:
             self._init_from(self.init_from)
         dropped = 0
@@ -264,8 +265,7 @@ class Trainer:
         )
         self.flops_per_token = flops_per_token(self.mcfg, self.seq_len)
 
-    def _resume(self, latest: Path) -> None:
-        saved = TrainState.from_json(read_trainer_state(latest))
+    def _resume(self, latest: Path, saved: TrainState) -> None:
         if saved.run_id != self.run_id:
             raise CheckpointError(
                 f"{latest} belongs to another run (its data, model or optimizer config differs from this "
@@ -300,8 +300,9 @@ class Trainer:
         logger.info("initialised weights%s from %s", "" if self.reset_optimizer else " and optimizer", src)
 
     # ------------------------------------------------------------------ checkpoints
+    @cached_property
     def _extra_files(self) -> dict[str, bytes]:
-
+        """Files every checkpoint of this run carries besides the state (constant for the run)."""
         eos = self.store.manifest.get("eos_id")
         # config.json for transformers, llm360_model.json for what it cannot hold (muP, unfolded here)
         files = {**hf_metadata_files(self.mcfg, eos_token_id=eos), "config.yaml": to_yaml(self.cfg).encode()}
@@ -335,7 +336,7 @@ class Trainer:
                 param_names=names,
                 trainer_state=state,
                 rng_state=ckpt.capture_rng(),
-                extra_files=self._extra_files(),
+                extra_files=self._extra_files,
             )
             logger.info("saved %s (%.1fs)", target.relative_to(self.rd.root), time.perf_counter() - t0)
         barrier(self.info)
