@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ from safetensors.torch import load_file
 
 from llm360.config import to_yaml, validate_config
 from llm360.data.prepare import prepare
-from llm360.train.loop import train
-from test_train import read_jsonl, tiny_run_config
+from llm360.train.loop import INJECT_ENV, train
+from test_train import assert_same_weights, read_jsonl, tiny_run_config
 
 
 def torchrun(nproc: int, cfg_path: Path, run: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -80,3 +81,66 @@ def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, pa
     wb = load_file(str(tmp_path / "dist" / "checkpoints" / "ckpt_002" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("policy", "nan_steps", "restored", "sharded"),
+    [
+        # NaN inside chunk 1: back to ckpt_000, whose sharded copy holds the optimizer state
+        pytest.param("rollback_skip_chunk", "24", ["ckpt_000"], [True], id="skip_chunk-sharded_copy"),
+        # the same without the sharded copy (chunk 0 trained by an earlier launch, copy deleted):
+        # the optimizer state comes from the consolidated files
+        pytest.param("rollback_skip_chunk", "24", ["ckpt_000"], [False], id="skip_chunk-consolidated"),
+        # NaN inside chunk 0, then in chunk 1: back to init (consolidated only, empty optimizer
+        # state), then to ckpt_000 (sharded copy)
+        pytest.param("rollback_reseed", "2,24", ["init", "ckpt_000"], [False, True], id="reseed-init_then_copy"),
+    ],
+)
+def test_fsdp_rollback_restores_sharded_state_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, nan_steps: str, restored: list[str],
+    sharded: list[bool],
+):
+    cfg = tiny_run_config(tmp_path, parallelism="fsdp", checkpoint_every_steps=4,
+                          guards={"nonfinite_policy": policy})
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    prepare(cfg, tmp_path / "single")
+    monkeypatch.setenv(INJECT_ENV, nan_steps)
+    single = train(cfg, tmp_path / "single")
+    prepare(cfg, tmp_path / "dist")
+    if sharded == [False]:  # an earlier launch trains chunk 0; its sharded copy goes
+        raw = cfg.model_dump(mode="json")
+        raw["train"]["max_chunks"] = 1
+        first_path = tmp_path / "first.yaml"
+        first_path.write_text(to_yaml(validate_config(raw)))
+        torchrun(2, first_path, tmp_path / "dist")
+        shutil.rmtree(tmp_path / "dist" / "checkpoints" / "dcp" / "ckpt_000")
+    torchrun(2, cfg_path, tmp_path / "dist")  # inherits the injected steps
+    monkeypatch.delenv(INJECT_ENV)
+
+    run = tmp_path / "dist"
+    events = [e for e in read_jsonl(run / "metrics" / "events.jsonl") if e["event"] == policy]
+    assert [e["restored"] for e in events] == restored
+    assert [e["sharded"] for e in events] == sharded  # from checkpoints/dcp, or the consolidated files
+    ck = run / "checkpoints"
+    state = json.loads((ck / "ckpt_002" / "trainer_state.json").read_text())
+    assert state["step"] == single["step"] and state["rollbacks"] == len(restored)
+    assert state["skipped_chunks"] == single["skipped_chunks"]
+    if policy == "rollback_skip_chunk":
+        # chunk 1 skipped: ckpt_001 is ckpt_000's state, restored from the shards and gathered again
+        assert_same_weights(ck / "ckpt_000", ck / "ckpt_001")
+        opt0 = load_file(str(ck / "ckpt_000" / "optimizer.safetensors"))
+        opt1 = load_file(str(ck / "ckpt_001" / "optimizer.safetensors"))
+        assert opt0.keys() == opt1.keys() and all(torch.equal(opt0[k], opt1[k]) for k in opt0)
+        # the abandoned attempt's step checkpoints (steps 20, 24) are gone, their sharded copies with them
+        assert not [p for p in (ck / "steps").glob("step_*") if 18 < int(p.name.split("_")[1]) <= 36]
+    else:
+        assert state["chunk_reseeds"] == {"0": 1, "1": 1}
+    steps = sorted(p.name for p in (ck / "steps").glob("step_*"))
+    assert steps and sorted(p.name for p in (ck / "dcp").glob("step_*")) == steps
+    # the same training as one process with the same policy: the rollback restored the state
+    w1, w2 = load_file(str(tmp_path / "single" / "checkpoints" / "ckpt_002" / "model.safetensors")), \
+        load_file(str(ck / "ckpt_002" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-4)

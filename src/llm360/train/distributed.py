@@ -136,6 +136,31 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
+def load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor], named: dict
+) -> None:
+    """Every rank: set full model state and a full, name-keyed optimizer state into a sharded model, in place.
+
+    model_state maps parameter names to full tensors (on any device); named is
+    :func:`named_optimizer_state`'s format. An empty optimizer state (a checkpoint saved before the
+    first step) empties the optimizer's state; only the param groups' hyperparameters are taken.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if len(named["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the optimizer state has {len(named['param_groups'])} param groups, the optimizer "
+            f"{len(optimizer.param_groups)}"
+        )
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    if named["state"]:
+        load_full_optimizer_state(model, optimizer, named)
+        return
+    optimizer.state.clear()
+    for group, saved in zip(optimizer.param_groups, named["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
 def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, torch.optim.Optimizer, dict]:
     """Full model state dict, and an AdamW over full CPU tensors holding the full optimizer state.
 

@@ -40,10 +40,12 @@ from llm360.train.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     gather_full_state,
     init_distributed,
     is_sharded,
     load_full_optimizer_state,
+    load_full_state,
     load_sharded,
     named_optimizer_state,
     parallelize,
@@ -202,12 +204,6 @@ class Trainer:
             raise ConfigError(
                 f"train.global_batch_sequences = {B} does not split over {world} ranks; use a multiple of {world}"
             )
-        rollbacks = {tcfg.guards.nonfinite_policy, tcfg.guards.spike_policy} & {"rollback_skip_chunk", "rollback_reseed"}
-        if tcfg.parallelism == "fsdp" and world > 1 and rollbacks:
-            raise ConfigError(
-                f"train.guards: {sorted(rollbacks)[0]} is not supported with FSDP yet (rolling back sharded "
-                "state in place); use skip_step or stop, or parallelism: ddp"
-            )
         self.index = StepIndex(self.store.rows_per_chunk, B)
         self.total_steps = self.index.total_steps
         n_chunks = self.store.num_chunks if tcfg.max_chunks is None else min(tcfg.max_chunks, self.store.num_chunks)
@@ -361,28 +357,64 @@ class Trainer:
             )
         target = self.rd.ckpt_dir(chunk - 1) if chunk > 0 else self.rd.checkpoints / "init"
         rollbacks = self.state.rollbacks + 1
-        res = ckpt.load_checkpoint(target, self.model, self.optimizer)
+        res, sharded = self._restore(target)
         ckpt.restore_rng(res["rng_state"])
         self.state = TrainState.from_json(res["trainer_state"])
         self.state.rollbacks = rollbacks
-        # intra-chunk checkpoints of the abandoned attempt must never be resumed from
+        # intra-chunk checkpoints of the abandoned attempt must never be resumed from. Their sharded
+        # copies go first: a copy left without its consolidated checkpoint could later pass for the
+        # copy of a new checkpoint of the same step whose own copy a kill prevented.
         if self.info.is_main:
-            for stale in sorted((self.rd.checkpoints / "steps").glob("step_*")):
-                if int(stale.name.split("_")[1]) > self.state.step:
-                    ckpt.remove_checkpoint(stale)
+            for folder in (self.rd.checkpoints / "dcp", self.rd.checkpoints / "steps"):
+                for stale in sorted(folder.glob("step_*")):
+                    if int(stale.name.split("_")[1]) > self.state.step:
+                        ckpt.remove_checkpoint(stale)
         barrier(self.info)
         if policy == "rollback_skip_chunk":
             self.state.skipped_chunks.append(chunk)
             self.state.step = int(self.index.first_step[chunk + 1])
             self.metrics.event("rollback_skip_chunk", step=int(self.index.first_step[chunk]), chunk=chunk,
-                               reason=reason, restored=target.name)
+                               reason=reason, restored=target.name, sharded=sharded)
             self.state.last_chunk_done = chunk
             self.save(f"ckpt_{index_name(chunk)}", chunk=chunk)
         else:
             key = str(chunk)
             self.state.chunk_reseeds[key] = self.state.chunk_reseeds.get(key, 0) + 1
             self.metrics.event("rollback_reseed", step=int(self.index.first_step[chunk]), chunk=chunk,
-                               reason=reason, restored=target.name, reseed=self.state.chunk_reseeds[key])
+                               reason=reason, restored=target.name, sharded=sharded,
+                               reseed=self.state.chunk_reseeds[key])
+
+    def _restore(self, target: Path) -> tuple[dict, bool]:
+        """Load checkpoint `target`'s weights and optimizer state into the live model and optimizer.
+
+        Unsharded, the checkpoint loads straight into them. Under FSDP every rank restores its own
+        shards in place: from the sharded copy checkpoints/dcp/<name> when one holds the target's
+        step, otherwise from the consolidated files, read into a full-size CPU copy of the model
+        and scattered. The consolidated checkpoint is verified (every file hashed) either way,
+        before the live state is touched. Returns :func:`~llm360.train.checkpoint.load_checkpoint`'s
+        dict (trainer and RNG state) and whether the state came from the sharded copy.
+        """
+        if not is_sharded(self.model):
+            return ckpt.load_checkpoint(target, self.model, self.optimizer), False
+        dcp_dir = self.rd.checkpoints / "dcp" / target.name
+        # every rank must take the same path: the loads below are collectives
+        from_copy = broadcast_object(
+            sharded_copy_step(dcp_dir) == int(read_trainer_state(target).get("step", -1)), self.info
+        )
+        with torch.device("meta"):  # no initialisation: every value is overwritten by the load
+            full = Llama(self.mcfg)
+        full.to_empty(device="cpu")
+        if from_copy:
+            res = ckpt.load_checkpoint(target, full)
+            del full
+            load_sharded(self.model, self.optimizer, dcp_dir)
+        else:
+            full_opt = build_optimizer(full, self.tcfg)
+            res = ckpt.load_checkpoint(target, full, full_opt)
+            load_full_state(self.model, self.optimizer, full.state_dict(), named_optimizer_state(full, full_opt))
+        logger.info("restored %s in place on every rank (%s)", target.relative_to(self.rd.root),
+                    "sharded copy" if from_copy else "consolidated files")
+        return res, from_copy
 
     # ------------------------------------------------------------------ one step
     def _rows(self, step: int) -> np.ndarray:
