@@ -2,6 +2,8 @@
 
 One step = forward + backward + AdamW step, same config, same weights, same batch, same optimizer
 settings, on CPU by default, in fp32 and under bf16 autocast (fp32 weights, as Amber trained).
+Each side gets the AdamW kernel it trains with by default: ours from ``build_optimizer`` (the
+trainer's), theirs torch's fused AdamW, the ``transformers.Trainer`` default (``adamw_torch_fused``).
 The two models alternate step by step (ours first on even steps, theirs first on odd ones), so
 load from other processes hits both alike; medians and bests are printed, with their ratios, in
 wall-clock tokens/s and in tokens per CPU-second. On a shared machine, `--threads 1` and the
@@ -23,9 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-from llm360.config import MODEL_PRESETS, ModelConfig
+from llm360.config import MODEL_PRESETS, ModelConfig, TrainConfig
 from llm360.model.hf import reference_model
 from llm360.model.llama import Llama, num_parameters
+from llm360.train.optim import build_optimizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,8 +68,9 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     return reference_model(cfg, attn_implementation="sdpa")
 
 
-def make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: str, dtype: str):
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+def make_step(
+    opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], device: str, dtype: str
+) -> Callable[[], float]:
     autocast = torch.autocast(
         device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16"
     )
@@ -90,10 +94,12 @@ def run_pair(a: argparse.Namespace, cfg: ModelConfig, dtype: str) -> dict[str, f
     theirs.load_state_dict(ours.state_dict())
     seq = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1))
     x, y = seq[:, :-1].to(a.device), seq[:, 1:].contiguous().to(a.device)
+    tcfg = TrainConfig(lr=3e-4, beta1=0.9, beta2=0.95, weight_decay=0.1)
+    hf_opt = torch.optim.AdamW(theirs.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     steps = {
-        "llm360": make_step(ours, lambda: ours(x, y)[1], a.device, dtype),
+        "llm360": make_step(build_optimizer(ours, tcfg), lambda: ours(x, y)[1], a.device, dtype),
         "transformers": make_step(
-            theirs, lambda: theirs(input_ids=x, labels=y, shift_labels=y).loss, a.device, dtype
+            hf_opt, lambda: theirs(input_ids=x, labels=y, shift_labels=y).loss, a.device, dtype
         ),
     }
     first = {name: step() for name, step in steps.items()}
