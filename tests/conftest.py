@@ -70,6 +70,38 @@ def small_config(tmp: Path, *, n_docs: int = 400, chunks: int = 4, seq_len: int 
     return validate_config(raw)
 
 
+def save_model_checkpoint(
+    folder: Path,
+    model,
+    *,
+    eos_id: int | None,
+    trainer_state: dict | None = None,
+    tokenizer_dir: Path | None = None,
+    tokenizer_overrides: dict | None = None,
+) -> Path:
+    """A complete checkpoint folder as the trainer writes one, marker last.
+
+    Weights (a copy of model's state), ``trainer_state`` (default ``{"step": 0}``), config.json and
+    llm360_model.json, and the tokenizer files of ``tokenizer_dir`` with ``tokenizer_overrides``
+    merged into tokenizer_config.json.
+    """
+    from llm360.model.hf import hf_metadata_files
+    from llm360.train.checkpoint import save_checkpoint
+
+    extra: dict[str, bytes] = dict(hf_metadata_files(model.cfg, eos_token_id=eos_id))
+    if tokenizer_dir is not None:
+        for f in sorted(tokenizer_dir.iterdir()):
+            extra[f.name] = f.read_bytes()
+    if tokenizer_overrides:
+        tc = json.loads(extra["tokenizer_config.json"])
+        tc.update(tokenizer_overrides)
+        extra["tokenizer_config.json"] = json.dumps(tc).encode()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return save_checkpoint(
+        folder, model_state=state, trainer_state=trainer_state or {"step": 0}, extra_files=extra
+    )
+
+
 @pytest.fixture
 def small_cfg(tmp_path: Path):
     return small_config(tmp_path)

@@ -13,15 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import small_config
+from conftest import save_model_checkpoint, small_config
 from llm360.config import ModelConfig, validate_config
 from llm360.data.prepare import prepare
 from llm360.errors import ConfigError
 from llm360.eval import TASKS_DIR, EvalConfig, evaluate, list_checkpoints, resolve_tasks, training_finished
 from llm360.eval.harness import hub_access
-from llm360.model.hf import hf_config_dict
 from llm360.model.llama import Llama
-from llm360.train.checkpoint import save_checkpoint
 
 MC = "llm360_demo_licence_mc"
 GEN = "llm360_demo_complete_line"
@@ -47,15 +45,10 @@ def _train_a_little(model: Llama, rows: torch.Tensor, steps: int, seed: int) -> 
 def write_checkpoint(run: Path, i: int, model: Llama, *, step: int, marker: bool = True) -> Path:
     """What the trainer writes after chunk i: model + trainer state + HF config + tokenizer, marker last."""
     eos = json.loads((run / "data" / "manifest.json").read_text())["eos_id"]
-    extra: dict[str, bytes] = {
-        "config.json": json.dumps(hf_config_dict(model.cfg, eos_token_id=eos), indent=2).encode(),
-    }
-    for f in sorted((run / "data" / "tokenizer").iterdir()):
-        extra[f.name] = f.read_bytes()
     state = {"step": step, "tokens_seen": step * 16 * 32, "checkpoint_chunk": i,
-             "data_cursor": {"next_step": step, "chunk": None if i == 2 else i + 1}}
-    final = run / "checkpoints" / f"ckpt_{i:03d}"
-    save_checkpoint(final, model_state=model.state_dict(), trainer_state=state, extra_files=extra)
+             "data_cursor": {"next_step": step, "chunk": None if i == 2 else i + 1}}  # fmt: skip
+    final = save_model_checkpoint(run / "checkpoints" / f"ckpt_{i:03d}", model, eos_id=eos,
+                                  trainer_state=state, tokenizer_dir=run / "data" / "tokenizer")  # fmt: skip
     if not marker:
         (final / "COMPLETE.json").unlink()
     return final

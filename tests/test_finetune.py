@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import save_model_checkpoint, small_config
 from llm360.errors import CheckpointError, ConfigError, DataError, RunDirError
 from llm360.finetune import DpoConfig, SftConfig, builtin, dpo, finetune, finetune_config, sft
 from llm360.finetune.chat import CHAT_TEMPLATE, TEMPLATE_NAME, ensure_chat_template
 from llm360.finetune.records import load_records
-from llm360.train.checkpoint import save_checkpoint, verify_checkpoint
+from llm360.train.checkpoint import verify_checkpoint
 
 # Few steps, one optimizer step per micro-batch: what the tests need, not the paper's recipe.
 FAST = {"micro_batch_size": 4, "gradient_accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 96}
@@ -37,7 +37,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def _handmade_checkpoint(run: Path, name: str = "ckpt_000", tokenizer_overrides: dict | None = None) -> Path:
     """A checkpoint as the trainer writes one: HF config + fp32 weights + tokenizer, through save_checkpoint."""
     from llm360.config import ModelConfig
-    from llm360.model.hf import hf_config_dict
     from llm360.model.llama import Llama
 
     manifest = json.loads((run / "data" / "manifest.json").read_text())
@@ -45,15 +44,9 @@ def _handmade_checkpoint(run: Path, name: str = "ckpt_000", tokenizer_overrides:
                        vocab_size=manifest["vocab_size"], max_seq_len=128)  # fmt: skip
     torch.manual_seed(0)
     model = Llama(mcfg)
-    extra: dict = {"config.json": json.dumps(hf_config_dict(mcfg, eos_token_id=manifest["eos_id"]), indent=2)}
-    for f in sorted((run / "data" / "tokenizer").iterdir()):
-        extra[f.name] = f.read_bytes()
-    if tokenizer_overrides:
-        tc = json.loads(extra["tokenizer_config.json"])
-        tc.update(tokenizer_overrides)
-        extra["tokenizer_config.json"] = json.dumps(tc)
-    return save_checkpoint(run / "checkpoints" / name, model_state=model.state_dict(), trainer_state={"step": 0},
-                           extra_files=extra)  # fmt: skip
+    return save_model_checkpoint(run / "checkpoints" / name, model, eos_id=manifest["eos_id"],
+                                 tokenizer_dir=run / "data" / "tokenizer",
+                                 tokenizer_overrides=tokenizer_overrides)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import save_model_checkpoint, small_config
 from llm360.analysis import AnalysisError, MemorizationConfig
 from llm360.analysis.memorization import (
     _scores_of,
@@ -23,7 +23,6 @@ from llm360.analysis.memorization import (
 from llm360.config import ModelConfig
 from llm360.data.prepare import prepare
 from llm360.data.store import DataStore
-from llm360.model.hf import save_hf_folder
 from llm360.model.llama import Llama
 
 K = L = 16
@@ -55,21 +54,7 @@ def memorize(model: Llama, rows: np.ndarray, steps: int, lr: float = 1e-2) -> Ll
 
 def write_checkpoint(model: Llama, folder: Path, eos_id: int, step: int = 0) -> Path:
     """A complete checkpoint folder (marker written last), loadable by transformers."""
-    staging = folder.parent / f"_hf_{folder.name}"
-    save_hf_folder(model, model.cfg, staging, eos_token_id=eos_id)
-    try:
-        from llm360.train.checkpoint import save_checkpoint
-    except ImportError:
-        save_checkpoint = None
-    if save_checkpoint is None:
-        shutil.copytree(staging, folder)
-        (folder / "COMPLETE.json").write_text("{}")
-    else:
-        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        save_checkpoint(folder, model_state=sd, trainer_state={"step": step},
-                        extra_files={n: staging / n for n in ("config.json", "llm360_model.json")})  # fmt: skip
-    shutil.rmtree(staging)
-    return folder
+    return save_model_checkpoint(folder, model, eos_id=eos_id, trainer_state={"step": step})
 
 
 @pytest.fixture(scope="module")
