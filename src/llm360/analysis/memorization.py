@@ -20,7 +20,7 @@ early stop being teacher-forced early):
   mismatched token, for only ``l - 1 - m`` more steps.
 
 The continuing rows are decoded together in one batch although each sits at its own position:
-:func:`_decode_step` gives every row its own rotary position and its own attention length. Rows
+:func:`~llm360.model.llama.decode_step` gives every row its own rotary position and its own attention length. Rows
 are sorted by how many steps they need, so the rows still running are always a prefix of the
 batch (views, never copies). "Exact" means the same arithmetic as step-by-step greedy decoding;
 two implementations can still disagree where two logits tie to within rounding, as any two
@@ -57,13 +57,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llm360.analysis import AnalysisError, AnalysisResult, MemorizationConfig
 from llm360.data.store import DataStore
 from llm360.errors import CheckpointError, Llm360Error
 from llm360.log import ProgressTask, progress
-from llm360.model.llama import KVCache, Llama, apply_rope, rope_cos_sin
+from llm360.model.llama import KVCache, Llama, decode_step
 from llm360.paths import RunDir
 from llm360.utils import fsync_dir, read_json, write_json
 
@@ -106,52 +105,6 @@ def _argmax(logits: torch.Tensor, eos_id: int | None) -> torch.Tensor:
         logits = logits.clone()
         logits[..., eos_id] = -math.inf
     return logits.argmax(dim=-1)
-
-
-def _decode_step(
-    model: Llama, tok_n: torch.Tensor, pos_n: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]
-) -> torch.Tensor:
-    """One greedy step for n rows, each at its own position: logits (n, V).
-
-    Row r feeds token ``tok_n[r]`` at position ``pos_n[r]``, writes its key and value there and
-    attends to cache positions ``0..pos_n[r]`` only (what lies beyond is stale). The cache tensors
-    are (n_total, K, S, E) and rows 0..n-1 are used. Same blocks, weights and rotary tables as
-    :class:`~llm360.model.llama.Llama`'s own cached decoding, written out because that one keeps
-    one position for the whole batch.
-    """
-    cfg, dec = model.cfg, model.model
-    n = tok_n.shape[0]
-    x_n1D = dec.embed_tokens(tok_n)[:, None, :]
-    if cfg.mup is not None:
-        x_n1D = x_n1D * cfg.mup.embedding_multiplier
-    # rope_cos_sin takes a 1-D position vector: here one position per row, (n, R/2). apply_rope
-    # broadcasts it over a (1, n, H, E) view, i.e. the rows stand where the time axis usually is.
-    rope = rope_cos_sin(cfg, pos_n)
-    S = k_cache[0].shape[2]
-    mask_n11S = (torch.arange(S, device=tok_n.device)[None, :] <= pos_n[:, None])[:, None, None, :]
-    rows_n = torch.arange(n, device=tok_n.device)
-    cpu = tok_n.device.type == "cpu"
-    for i, block in enumerate(dec.layers):
-        attn = block.self_attn
-        H, K, E = attn.n_head, attn.n_kv, attn.head_dim
-        h_n1D = block.input_layernorm(x_n1D)
-        q_nH1E = apply_rope(attn.q_proj(h_n1D).view(1, n, H, E), *rope).view(n, H, 1, E)
-        k_nKE = apply_rope(attn.k_proj(h_n1D).view(1, n, K, E), *rope).view(n, K, E)
-        v_nKE = attn.v_proj(h_n1D).view(n, K, E)
-        k_cache[i][rows_n, :, pos_n] = k_nKE
-        v_cache[i][rows_n, :, pos_n] = v_nKE
-        if cpu:  # one query per row: plain matmuls beat the CPU SDPA kernel ~3x here; same math
-            q_nKGE = q_nH1E.view(n, K, H // K, E)
-            s_nKGS = (q_nKGE @ k_cache[i][:n].transpose(2, 3)) * attn.scale
-            p_nKGS = torch.softmax(s_nKGS.masked_fill(~mask_n11S, -math.inf), dim=-1)
-            y_nHE = (p_nKGS.to(q_nKGE.dtype) @ v_cache[i][:n]).reshape(n, H * E)
-        else:
-            y_nHE = F.scaled_dot_product_attention(
-                q_nH1E, k_cache[i][:n], v_cache[i][:n], attn_mask=mask_n11S, scale=attn.scale, enable_gqa=K != H
-            ).reshape(n, H * E)
-        x_n1D = x_n1D + attn.o_proj(y_nHE[:, None, :])
-        x_n1D = x_n1D + block.mlp(block.post_attention_layernorm(x_n1D))
-    return model._head(dec.norm(x_n1D))[:, 0]
 
 
 def _teacher_stages(k: int, L: int) -> list[tuple[int, int]]:
@@ -223,7 +176,7 @@ def _score_batch(model: Llama, ids_BT: torch.Tensor, k: int, L: int, eos_id: int
     for s in range(steps[0]):
         while n and steps[n - 1] <= s:
             n -= 1
-        tok = _argmax(_decode_step(model, tok[:n], pos[:n] + s, k_cache, v_cache), eos_id)
+        tok = _argmax(decode_step(model, tok[:n], pos[:n] + s, k_cache, v_cache), eos_id)
         gen_BL[active[:n], first_A[:n] + 1 + s] = tok
     return gen_BL
 

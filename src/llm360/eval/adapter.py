@@ -8,10 +8,11 @@ with our model, exactly as lm-eval's own ``hf`` model (``HFLM``) would with tran
   the last ``max_length + 1`` tokens, batches are sorted by length and padded on the right.
 * ``loglikelihood_rolling`` -- the log-likelihood of a whole text in windows of ``max_length``
   tokens, each token predicted once (lm-eval's rolling windows).
-* ``generate_until`` -- greedy continuation with the KV cache (``Llama.generate_greedy``) until a
-  stop string, EOS or ``max_gen_toks``. Prompts are batched when they have the same length (our
-  cache has no padding mask); generation runs in segments of doubling length so that a batch stops
-  soon after its last row hits a stop string, and rows that are done leave the batch.
+* ``generate_until`` -- greedy continuation with the KV cache until a stop string, EOS or
+  ``max_gen_toks``. Prompts of any lengths share a batch (sorted by length, longest first): they
+  are padded on the right and prefilled once, then every row decodes at its own position
+  (``llm360.model.llama.decode_step``), so padding is never attended; rows that are done leave
+  the batch.
 
 The tokenizer is ``transformers.AutoTokenizer`` on the checkpoint folder, the one ``HFLM`` loads,
 so both models see the same token ids. ``tests/test_eval.py`` checks the two give the same scores.
@@ -37,14 +38,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from llm360.errors import ConfigError
 from llm360.eval.loading import load_llama, load_tokenizer, resolve_device
 from llm360.log import progress
-from llm360.model.llama import Llama
+from llm360.model.llama import KVCache, Llama, decode_step
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-_FIRST_SEGMENT = 32
-"""New tokens generated before the first look for stop strings; segments then double."""
+_CHECK_EVERY = 8
+"""New tokens generated between looks for stop strings (rows that stopped then leave the batch)."""
 
 
 @register_model("llm360")
@@ -242,7 +243,7 @@ class LLM360LM(TemplateLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations, cut at the first stop string (``until``, EOS) or max_gen_toks."""
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        buckets: dict[tuple[str, int], list[int]] = defaultdict(list)
+        buckets: dict[str, list[int]] = defaultdict(list)
         prepared: list[tuple[list[int], list[str], int]] = []
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -260,10 +261,11 @@ class LLM360LM(TemplateLM):
                 )
             ids = self._encode_prompt(context)[-max_ctx:] or [self.prefix_token_id]
             prepared.append((ids, until, max_gen))
-            buckets[(repr((sorted(until), max_gen)), len(ids))].append(i)
+            buckets[repr((sorted(until), max_gen))].append(i)
         out: list[str | None] = [None] * len(requests)
         with progress("generate", total=len(requests), unit="requests") as bar:
-            for (_, _), members in sorted(buckets.items(), key=lambda kv: -kv[0][1]):
+            for members in buckets.values():
+                members.sort(key=lambda i: (-len(prepared[i][0]), i))  # longest first, little padding
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start : start + self.batch_size]
                     _, until, max_gen = prepared[batch[0]]
@@ -280,20 +282,44 @@ class LLM360LM(TemplateLM):
         text = self.tok_decode(new_ids, skip_special_tokens=False)
         return any(s and s in text for s in until)
 
+    @torch.no_grad()
     def _generate(self, prompts: list[list[int]], until: list[str], max_gen: int) -> list[str]:
-        """Greedy continuation of equal-length prompts, each cut at its first stop."""
+        """Greedy continuations of prompts of any lengths in one batch, each cut at its first stop.
+
+        The prompts, padded on the right, run once through the model and fill a KV cache (attention
+        is causal: no real position sees the padding). Then each row decodes at its own position,
+        writing over its padding and attending only up to itself. Every _CHECK_EVERY tokens, rows
+        that hit a stop leave the batch (their cache rows are dropped).
+        """
+        model, dev = self.model, self.device
+        lengths = [len(p) for p in prompts]
+        ids_BT = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids_BT[r, : len(p)] = torch.tensor(p)
+        param = next(model.parameters())
+        cache = KVCache(model.cfg, len(prompts), ids_BT.shape[1] + max_gen, dev, param.dtype)
+        h_BTD = model.model(ids_BT.to(dev), cache)
+        pos_n = torch.tensor(lengths, device=dev)  # where each row's next token goes
+        tok_n = model._head(h_BTD[torch.arange(len(prompts), device=dev), pos_n - 1]).argmax(dim=-1)
+        k_cache, v_cache = cache.k_BKSE, cache.v_BKSE
         new: list[list[int]] = [[] for _ in prompts]
-        active = list(range(len(prompts)))
-        produced, segment = 0, _FIRST_SEGMENT
-        while active and produced < max_gen:
-            step = min(segment, max_gen - produced)
-            ids_BT = torch.tensor([prompts[r] + new[r] for r in active], device=self.device)
-            gen_BS = self.model.generate_greedy(ids_BT, step)[:, -step:].tolist()
-            for r, ids in zip(active, gen_BS, strict=True):
-                new[r].extend(ids)
-            produced += step
-            segment *= 2
-            active = [r for r in active if not self._stopped(new[r], until)]
+        active = list(range(len(prompts)))  # the prompt each batch row belongs to
+        for produced in range(1, max_gen + 1):
+            for r, t in zip(active, tok_n.tolist(), strict=True):
+                new[r].append(t)
+            if produced == max_gen:
+                break
+            if produced % _CHECK_EVERY == 0:
+                keep = [j for j, r in enumerate(active) if not self._stopped(new[r], until)]
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    idx = torch.tensor(keep, device=dev)
+                    k_cache = [k[idx] for k in k_cache]
+                    v_cache = [v[idx] for v in v_cache]
+                    tok_n, pos_n, active = tok_n[idx], pos_n[idx], [active[j] for j in keep]
+            tok_n = decode_step(model, tok_n, pos_n, k_cache, v_cache).argmax(dim=-1)
+            pos_n = pos_n + 1
         texts = []
         for ids in new:
             if self.eot_token_id in ids:

@@ -185,6 +185,19 @@ def apply_rope(x_BTHE: torch.Tensor, cos_TR2: torch.Tensor, sin_TR2: torch.Tenso
     return _Rope.apply(x_BTHE, cos, sin)
 
 
+FUSE_MIN_TOKENS = 256
+"""Without autograd, q/k/v and gate/up run as one matmul only from this many tokens on.
+
+Concatenating the weights copies them, which costs about as much as a matmul over a few dozen
+tokens; the larger matmul gains a few percent. Measured on CPU (125M model): decoding 16 rows at
+a time runs ~20% faster apart, scoring 256 x 32-token rows ~5% faster fused.
+"""
+
+
+def _fuse(x_BTD: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() or x_BTD.numel() >= FUSE_MIN_TOKENS * x_BTD.shape[-1]
+
+
 class KVCache:
     """Keys and values of the positions seen so far, one preallocated buffer per layer."""
 
@@ -220,8 +233,13 @@ class Attention(nn.Module):
         H, K, E = self.n_head, self.n_kv, self.head_dim
         # One matmul for q, k and v (weights concatenated on the fly, parameters keep HF's names):
         # one large matmul runs faster than three small ones, and backward needs no sum of three.
-        w_XD = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-        qkv_BTX = F.linear(x_BTD, w_XD)
+        # For a few tokens without autograd (decoding) the copy of the weights costs more than it
+        # saves, so the three run apart.
+        if _fuse(x_BTD):
+            w_XD = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            qkv_BTX = F.linear(x_BTD, w_XD)
+        else:
+            qkv_BTX = torch.cat((self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)), dim=-1)
         qk_BTXE = apply_rope(qkv_BTX[..., : (H + K) * E].view(B, T, H + K, E), *rope)
         q_BTHE, k_BTKE = qk_BTXE.split((H, K), dim=2)
         v_BTKE = qkv_BTX[..., (H + K) * E :].view(B, T, K, E)
@@ -254,8 +272,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        w_2FD = torch.cat((self.gate_proj.weight, self.up_proj.weight))  # one matmul, as for q, k, v
-        gate_BTF, up_BTF = F.linear(x_BTD, w_2FD).chunk(2, dim=-1)
+        if _fuse(x_BTD):  # one matmul, as for q, k, v in Attention.forward
+            w_2FD = torch.cat((self.gate_proj.weight, self.up_proj.weight))
+            gate_BTF, up_BTF = F.linear(x_BTD, w_2FD).chunk(2, dim=-1)
+        else:
+            gate_BTF, up_BTF = self.gate_proj(x_BTD), self.up_proj(x_BTD)
         return self.down_proj(F.silu(gate_BTF) * up_BTF)
 
 
@@ -468,3 +489,54 @@ class Llama(nn.Module):
             ids_BT = torch.cat((ids_BT, next_B1), dim=1)
         self.train(was_training)
         return ids_BT
+
+
+# ------------------------------------------------------------------------ ragged decoding
+
+
+def decode_step(
+    model: Llama, tok_n: torch.Tensor, pos_n: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]
+) -> torch.Tensor:
+    """One greedy step for n rows, each at its own position: logits (n, V).
+
+    Row r feeds token ``tok_n[r]`` at position ``pos_n[r]``, writes its key and value there and
+    attends to cache positions ``0..pos_n[r]`` only (what lies beyond is stale: padding, or an
+    abandoned continuation). The cache tensors are (n_total, K, S, E) per layer, e.g. a
+    :class:`KVCache`'s ``k_BKSE`` / ``v_BKSE``, and rows 0..n-1 are used. Same blocks, weights and
+    rotary tables as the batch-wide cached decoding of :meth:`Llama.generate_greedy`, which keeps
+    one position for the whole batch; this lets prompts of different lengths share a batch
+    without a padding mask (used by memorization scoring and by the lm-eval adapter).
+    """
+    cfg, dec = model.cfg, model.model
+    n = tok_n.shape[0]
+    x_n1D = dec.embed_tokens(tok_n)[:, None, :]
+    if cfg.mup is not None:
+        x_n1D = x_n1D * cfg.mup.embedding_multiplier
+    # rope_cos_sin takes a 1-D position vector: here one position per row, (n, R/2). apply_rope
+    # broadcasts it over a (1, n, H, E) view, i.e. the rows stand where the time axis usually is.
+    rope = rope_cos_sin(cfg, pos_n)
+    S = k_cache[0].shape[2]
+    mask_n11S = (torch.arange(S, device=tok_n.device)[None, :] <= pos_n[:, None])[:, None, None, :]
+    rows_n = torch.arange(n, device=tok_n.device)
+    cpu = tok_n.device.type == "cpu"
+    for i, block in enumerate(dec.layers):
+        attn = block.self_attn
+        H, K, E = attn.n_head, attn.n_kv, attn.head_dim
+        h_n1D = block.input_layernorm(x_n1D)
+        q_nH1E = apply_rope(attn.q_proj(h_n1D).view(1, n, H, E), *rope).view(n, H, 1, E)
+        k_nKE = apply_rope(attn.k_proj(h_n1D).view(1, n, K, E), *rope).view(n, K, E)
+        v_nKE = attn.v_proj(h_n1D).view(n, K, E)
+        k_cache[i][rows_n, :, pos_n] = k_nKE
+        v_cache[i][rows_n, :, pos_n] = v_nKE
+        if cpu:  # one query per row: plain matmuls beat the CPU SDPA kernel ~3x here; same math
+            q_nKGE = q_nH1E.view(n, K, H // K, E)
+            s_nKGS = (q_nKGE @ k_cache[i][:n].transpose(2, 3)) * attn.scale
+            p_nKGS = torch.softmax(s_nKGS.masked_fill(~mask_n11S, -math.inf), dim=-1)
+            y_nHE = (p_nKGS.to(q_nKGE.dtype) @ v_cache[i][:n]).reshape(n, H * E)
+        else:
+            y_nHE = F.scaled_dot_product_attention(
+                q_nH1E, k_cache[i][:n], v_cache[i][:n], attn_mask=mask_n11S, scale=attn.scale, enable_gqa=K != H
+            ).reshape(n, H * E)
+        x_n1D = x_n1D + attn.o_proj(y_nHE[:, None, :])
+        x_n1D = x_n1D + block.mlp(block.post_attention_layernorm(x_n1D))
+    return model._head(dec.norm(x_n1D))[:, 0]
