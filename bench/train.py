@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--no-profile", action="store_true", help="skip the profiled step (matmul share and ceiling)"
+    )
     return p.parse_args(argv)
 
 
@@ -131,7 +134,40 @@ def run_pair(a: argparse.Namespace, cfg: ModelConfig, dtype: str) -> dict[str, f
             f"[{dtype}] {label:>4} ratio llm360/transformers: median {ratios[label]:.2f}x   "
             f"best {best['llm360'] / best['transformers']:.2f}x"
         )
+    if not a.no_profile:
+        matmul_ceiling(steps, dtype)
     return ratios
+
+
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def matmul_ceiling(steps: dict[str, Callable[[], float]], dtype: str) -> None:
+    """Profile one step of each model: the share of matrix multiplies, and what it bounds.
+
+    Both models do the same matmuls (same FLOPs, same kernels), so a step can never be faster than
+    those: transformers' step time / its matmul time is the best ratio any amount of fusing the
+    rest could reach. (SDPA's attention kernel is counted as "rest": it is the same in both.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    shares = {}
+    for name, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+        shares[name] = (mm, total)
+        print(
+            f"[{dtype}] profile {name:>13}: matmuls {mm / 1e3:7.1f} ms of {total / 1e3:7.1f} ms ({mm / total:.0%})"
+        )
+    mm_hf, total_hf = shares["transformers"]
+    print(
+        f"[{dtype}] ceiling: a step of nothing but transformers' matmuls would be {total_hf / mm_hf:.2f}x "
+        f"transformers' step; outside matmuls: llm360 {(shares['llm360'][1] - shares['llm360'][0]) / 1e3:.1f} "
+        f"ms, transformers {(total_hf - mm_hf) / 1e3:.1f} ms"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
