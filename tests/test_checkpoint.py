@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import mmap
@@ -444,6 +445,23 @@ def test_missing_extra_truncated_and_odd_files_are_named(trained) -> None:
         verify_checkpoint(path)
     msg = str(err.value)
     assert "model.safetensors has 100 bytes" in msg and "sub/x is not listed" in msg
+
+
+def test_verify_with_known_digests_reads_only_the_others(trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Digests the caller already computed are compared with the marker instead of hashed again."""
+    _, _, path = trained
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir() if p.name != "COMPLETE.json"}
+    hashed: list[str] = []
+    real = ckpt_mod._hash_file
+    monkeypatch.setattr(ckpt_mod, "_hash_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    verify_checkpoint(path, known_sha256={"model.safetensors": digests["model.safetensors"]})
+    assert "model.safetensors" not in hashed and "optimizer.safetensors" in hashed
+    hashed.clear()
+    verify_checkpoint(path, known_sha256=digests)
+    assert hashed == []
+    wrong = {**digests, "optimizer.safetensors": "0" * 64}  # e.g. the file changed since the caller hashed it
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is corrupt"):
+        verify_checkpoint(path, known_sha256=wrong)
 
 
 def test_small_slices_threads_and_host_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1101,25 +1101,38 @@ def remove_checkpoint(ckpt_dir: str | Path) -> None:
 # -------------------------------------------------------------------------------- verify, load
 
 
-def verify_checkpoint(ckpt_dir: str | Path) -> None:
+def verify_checkpoint(ckpt_dir: str | Path, *, known_sha256: Mapping[str, str] | None = None) -> None:
     """Check that a checkpoint is complete and intact; raise CheckpointError naming what is wrong.
 
     Problems reported: no marker (the save did not finish), a damaged marker, a listed file that is
-    missing, a file of the wrong size or sha256, a file that is not listed.
+    missing, a file of the wrong size or sha256, a file that is not listed. ``known_sha256``
+    ({file name: sha256}) holds digests the caller has just computed from these very files (e.g.
+    a release's SHA256SUMS check): those files are compared with the marker, not hashed again.
     """
     d = Path(ckpt_dir)
-    _read_verified(d, _read_marker(d), wanted=set())
+    _read_verified(d, _read_marker(d), wanted=set(), known=known_sha256 or {})
 
 
-def _read_verified(d: Path, files: Mapping[str, Mapping[str, Any]], wanted: set[str]) -> dict[str, Tensor]:
-    """Hash every listed file, keeping the bytes of the wanted ones; CheckpointError on any mismatch."""
+def _read_verified(
+    d: Path, files: Mapping[str, Mapping[str, Any]], wanted: set[str], known: Mapping[str, str] | None = None
+) -> dict[str, Tensor]:
+    """Hash every listed file (but the ``known`` ones), keeping the bytes of the wanted ones.
+
+    Raises CheckpointError on any mismatch.
+    """
     problems = _listing_problems(d, files)
     if problems:
         _fail(d, problems)
+    known = known or {}
+    for name in sorted(set(files) & set(known) - wanted):
+        if known[name] != files[name]["sha256"]:
+            problems.append(_hash_problem(name, files[name]["sha256"], known[name]))
     out: dict[str, Tensor] = {}
     with _Pipeline() as pipe:
         lanes: dict[str, _Sha256] = {}
         for name in sorted(files):
+            if name in known and name not in wanted:
+                continue
             if name in wanted:
                 out[name], lanes[name] = _read_file(d / name, files[name]["size"], pipe)
             else:
