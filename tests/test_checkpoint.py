@@ -447,6 +447,33 @@ def test_missing_extra_truncated_and_odd_files_are_named(trained) -> None:
     assert "model.safetensors has 100 bytes" in msg and "sub/x is not listed" in msg
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_disk_full_is_a_clear_error_and_loses_nothing(
+    trained, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """ENOSPC in the middle of a re-save: CheckpointError naming it; the old checkpoint stays."""
+    model, opt, path = trained
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    monkeypatch.setattr(ckpt_mod, "_DIRECT_MIN", 1024 if direct else 1 << 40)
+    monkeypatch.setattr(ckpt_mod, "_STAGE", 4096)
+    calls = [0]
+    real_write = os.write
+
+    def full(fd, data):
+        calls[0] += 1
+        if calls[0] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(ckpt_mod.os, "write", full)
+    monkeypatch.setattr(ckpt_mod, "_write_all", lambda f, mv: full(f.fileno(), mv))
+    train(model, opt, 1)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left on device.*intact"):
+        save(path, model, opt, 9)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
 def test_verify_with_known_digests_reads_only_the_others(trained, monkeypatch: pytest.MonkeyPatch) -> None:
     """Digests the caller already computed are compared with the marker instead of hashed again."""
     _, _, path = trained

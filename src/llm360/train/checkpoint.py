@@ -260,7 +260,10 @@ class _Pipeline:
             self._write_pool.shutdown(wait=True)
         self.sync_pool.shutdown(wait=True)
         for m in self._stages:
-            m.close()
+            try:
+                m.close()
+            except BufferError:  # a view is still held (e.g. by a traceback): the GC frees it later
+                pass
 
     def wait_syncs(self) -> None:
         for f in self.syncs:
@@ -350,9 +353,11 @@ def _write_direct(path: Path, pieces: Iterable[bytes | memoryview], pipe: _Pipel
     busy: list[Future[None] | None] = [None] * len(stages)
 
     def send(buf: mmap.mmap, n: int) -> None:
-        mv = memoryview(buf)[:n]
-        while len(mv):
-            mv = mv[os.write(fd, mv) :]
+        with memoryview(buf) as whole:  # released even when a write fails (the buffer can close)
+            done = 0
+            while done < n:
+                with whole[done:n] as rest:
+                    done += os.write(fd, rest)
 
     try:
         i, fill, total = 0, 0, 0
@@ -1011,9 +1016,12 @@ def save_checkpoint(
 
     parent = final_dir.parent
     created = [q for q in (parent, *parent.parents) if not q.exists()]
-    parent.mkdir(parents=True, exist_ok=True)
-    for q in created:  # make the new folders' own names durable too
-        fsync_dir(q.parent)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for q in created:  # make the new folders' own names durable too
+            fsync_dir(q.parent)
+    except OSError as e:
+        raise _write_error(final_dir, e) from e
     tmp = parent / f".{final_dir.name}.tmp-{os.getpid()}"
     with _in_progress_lock:
         _in_progress.add(str(tmp))
@@ -1049,6 +1057,9 @@ def save_checkpoint(
             fsync_dir(tmp / sub)
         fsync_dir(tmp)
         _install(tmp, final_dir)
+    except OSError as e:  # disk full, permissions, I/O error: a clear message, nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final_dir, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1061,6 +1072,15 @@ def save_checkpoint(
         "saved checkpoint %s (%.2f GB in %.1f s, %.2f GB/s)", final_dir, total / 1e9, dt, total / 1e9 / dt
     )
     return final_dir
+
+
+def _write_error(final_dir: Path, e: OSError) -> CheckpointError:
+    where = f" ({e.filename})" if e.filename else ""
+    return CheckpointError(
+        f"cannot write checkpoint {final_dir}: {e.strerror or e}{where}. Nothing was replaced: the "
+        "checkpoints already on disk are intact. Free space (or fix permissions), then run the same "
+        "command again to resume from the latest complete checkpoint."
+    )
 
 
 def _install(tmp: Path, final: Path) -> None:
