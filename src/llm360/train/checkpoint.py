@@ -1249,11 +1249,7 @@ def load_checkpoint(
             opt_tensors = _parse_safetensors(bufs.pop(OPTIMIZER_FILE), f"{d / OPTIMIZER_FILE}")
             opt_meta = _json_of(bufs.pop(OPTIMIZER_META), f"{d / OPTIMIZER_META}")
             opt_sd = _optimizer_state_dict(optimizer, names, opt_tensors, opt_meta, strict, problems)
-        trainer_state = _json_of(bufs.pop(TRAINER_STATE), f"{d / TRAINER_STATE}")
-        rng_state = _rng_from(
-            _parse_safetensors(bufs.pop(RNG_FILE), f"{d / RNG_FILE}"),
-            _json_of(bufs.pop(RNG_META), f"{d / RNG_META}"),
-        )
+        trainer_state, rng_state = _training_state(d, bufs)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint {d}: {OPTIMIZER_META} or {RNG_META} does not have the expected structure ({e!r})"
@@ -1267,6 +1263,34 @@ def load_checkpoint(
     logger.debug(
         "loaded checkpoint %s (step %s) in %.1f s", d, trainer_state.get("step"), time.perf_counter() - t0
     )
+    return {"trainer_state": trainer_state, "rng_state": rng_state}
+
+
+def _training_state(d: Path, bufs: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    trainer_state = _json_of(bufs.pop(TRAINER_STATE), f"{d / TRAINER_STATE}")
+    rng_state = _rng_from(
+        _parse_safetensors(bufs.pop(RNG_FILE), f"{d / RNG_FILE}"), _json_of(bufs.pop(RNG_META), f"{d / RNG_META}")
+    )
+    return trainer_state, rng_state
+
+
+def load_training_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Verify a checkpoint (every file hashed) and return its trainer and RNG state, not its tensors.
+
+    For a caller that restores weights and optimizer state from elsewhere (a sharded copy) and must
+    not hold a full-size copy of the model to do so. Returns :func:`load_checkpoint`'s dict.
+    """
+    d = Path(ckpt_dir)
+    files = _read_marker(d)
+    wanted = {TRAINER_STATE, RNG_FILE, RNG_META}
+    absent = sorted(wanted - set(files))
+    if absent:
+        raise CheckpointError(f"checkpoint {d} has no {', '.join(absent)}; it cannot be loaded here")
+    bufs = _read_verified(d, files, wanted)
+    try:
+        trainer_state, rng_state = _training_state(d, bufs)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {d}: {RNG_META} does not have the expected structure ({e!r})") from None
     return {"trainer_state": trainer_state, "rng_state": rng_state}
 
 

@@ -389,9 +389,10 @@ class Trainer:
 
         Unsharded, the checkpoint loads straight into them. Under FSDP every rank restores its own
         shards in place: from the sharded copy checkpoints/dcp/<name> when one holds the target's
-        step, otherwise from the consolidated files, read into a full-size CPU copy of the model
-        and scattered. The consolidated checkpoint is verified (every file hashed) either way,
-        before the live state is touched. Returns :func:`~llm360.train.checkpoint.load_checkpoint`'s
+        step (after verifying the consolidated checkpoint, which holds the trainer and RNG state),
+        otherwise from the consolidated files, read into a full-size CPU copy of the model and its
+        optimizer state and scattered. The consolidated checkpoint is verified (every file hashed)
+        either way, before the live state is touched. Returns :func:`~llm360.train.checkpoint.load_checkpoint`'s
         dict (trainer and RNG state) and whether the state came from the sharded copy.
         """
         if not is_sharded(self.model):
@@ -401,14 +402,13 @@ class Trainer:
         from_copy = broadcast_object(
             sharded_copy_step(dcp_dir) == int(read_trainer_state(target).get("step", -1)), self.info
         )
-        with torch.device("meta"):  # no initialisation: every value is overwritten by the load
-            full = Llama(self.mcfg)
-        full.to_empty(device="cpu")
-        if from_copy:
-            res = ckpt.load_checkpoint(target, full)
-            del full
+        if from_copy:  # verified, then each rank reads its own shards: no full-size copy anywhere
+            res = ckpt.load_training_state(target)
             load_sharded(self.model, self.optimizer, dcp_dir)
         else:
+            with torch.device("meta"):  # no initialisation: every value is overwritten by the load
+                full = Llama(self.mcfg)
+            full.to_empty(device="cpu")
             full_opt = build_optimizer(full, self.tcfg)
             res = ckpt.load_checkpoint(target, full, full_opt)
             load_full_state(self.model, self.optimizer, full.state_dict(), named_optimizer_state(full, full_opt))
