@@ -115,13 +115,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", default="random,trained,constructed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where both scorers run (models are built and trained on the CPU first)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     k, L = args.k, args.l
     rng = np.random.default_rng(0)
     rows = rng.integers(0, args.vocab, (args.rows, k + L + 1)).astype(np.int64)
     print(f"# memorization bench: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, k = {k}, "
-          f"l = {L}, {args.rows} rows, {args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+          f"l = {L}, {args.rows} rows, {args.threads} threads, torch {torch.__version__}, "
+          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or platform.machine()}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -134,8 +137,8 @@ def main() -> None:
             elif name == "constructed":
                 these = constructed_rows(model, rows, k, L, seed=1)
             folder = save_hf_folder(model, model.cfg, Path(tmp) / name, eos_token_id=0)
-            ours_model = load_model(folder, torch.float32, torch.device("cpu"))
-            hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+            ours_model = load_model(folder, torch.float32, torch.device(args.device))
+            hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(args.device).eval()
             memorization_scores(ours_model, these[:8], k, L, batch_size=args.batch)  # warm-up
             reference_scores_transformers(hf_model, these[:8], k, L, batch_size=args.hf_batch)
             t_ours = t_ref = float("inf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,18 @@ def test_gpu_bench_runs_on_cpu():
     for line in ("bf16 matmul", "llm360 compiled:", "transformers eager:", "transformers compiled:", "MFU"):
         assert line in out.stdout, out.stdout
     assert "llm360 compiled / transformers eager:" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_on_cpu(tmp_path: Path):
+    """bench/gpu_session.sh at toy sizes on the CPU: every step ends well, the resume check included."""
+    out = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_session.sh"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "QUICK": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    for name in ("env", "gpu", "memorization", "train"):
+        assert f"{name}: rc=0" in summary, (summary, (tmp_path / "out" / f"{name}.log").read_text()[-3000:])
+    train_log = (tmp_path / "out" / "train.log").read_text()
+    assert "killed the run" in train_log and "identical=True" in train_log, train_log[-3000:]
