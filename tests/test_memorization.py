@@ -72,7 +72,7 @@ def run(tmp_path_factory) -> dict:
     trained_rows = chunk0[np.concatenate([row_N[chunk_N == 0][:10], with_eos])]
     random_model = tiny_model(store.vocab_size)
     write_checkpoint(random_model, run_dir / "checkpoints" / "ckpt_000", eos)
-    trained = memorize(tiny_model(store.vocab_size), trained_rows, steps=60, lr=1e-2)
+    trained = memorize(tiny_model(store.vocab_size), trained_rows, steps=150, lr=1e-2)
     write_checkpoint(trained, run_dir / "checkpoints" / "ckpt_001", eos, step=1)
     return {"dir": run_dir, "store": store, "eos": eos, "trained": trained, "random": random_model,
             "trained_rows": trained_rows}  # fmt: skip
