@@ -134,7 +134,15 @@ def main(argv: list[str] | None = None) -> None:
         run = torch.compile(model, backend=a.compile_backend) if compiled else model
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        tps, losses = measure(run, loss_fn, a, device)
+        try:
+            tps, losses = measure(run, loss_fn, a, device)
+        except torch.OutOfMemoryError:  # say so and measure the others: a GPU call is one shot
+            print(f"{name:>22}: out of memory at batch {a.batch} x seq {a.seq} (try a smaller --batch)")
+            del model, run
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         mem = (
             f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
             if device.type == "cuda"
@@ -149,9 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ours = results["llm360 compiled"]
+    ours = results.get("llm360 compiled")
     for name, tps in results.items():
-        if name != "llm360 compiled":
+        if ours is not None and name != "llm360 compiled":
             print(f"llm360 compiled / {name}: {ours / tps:.2f}x")
 
 
