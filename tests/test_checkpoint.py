@@ -555,9 +555,12 @@ def test_direct_io_path_in_small_stages(tmp_path: Path, monkeypatch: pytest.Monk
     assert (direct / "optimizer.safetensors").stat().st_size > 3 * 4096  # several stages, a tail
     for f in sorted(p.name for p in buffered.iterdir()):
         assert (direct / f).read_bytes() == (buffered / f).read_bytes(), f
+    opened.clear()
     model2, opt2 = make(1)
     load_checkpoint(direct, model2, opt2)
     assert_same_state(model, opt, model2, opt2)
+    assert any(f & os.O_DIRECT and not f & os.O_WRONLY for f in opened)  # read back with O_DIRECT
+    assert ckpt_mod._direct_ok is supported
 
 
 @pytest.mark.parametrize("where", ["open", "probe"])

@@ -391,15 +391,8 @@ def _write_direct(path: Path, pieces: Iterable[bytes | memoryview], pipe: _Pipel
                 fut.exception()  # wait: no write may still use fd or the buffers
         os.close(fd)
         raise
-    pipe.syncs.append(pipe.sync_pool.submit(_fsync_close_fd, fd))
+    pipe.syncs.append(pipe.sync_pool.submit(_fsync_close, open(fd, "wb", buffering=0)))  # noqa: SIM115
     return True
-
-
-def _fsync_close_fd(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_close(f: Any) -> None:
@@ -441,58 +434,54 @@ def _read_file(path: Path, size: int, pipe: _Pipeline) -> tuple[Tensor, _Sha256]
         got = _read_direct(path, size, pipe)
         if got is not None:
             return got
-    buf = torch.empty(size, dtype=torch.uint8)
-    mv = memoryview(buf.numpy())
-    h = pipe.hasher(bounded=False)  # the buffer is kept anyway: no need to hold the reader back
-    with open(path, "rb", buffering=0) as f:
-        off = 0
-        while off < size:
-            n = f.readinto(mv[off : min(off + _SLICE, size)])
-            if not n:
-                break
-            h.update(mv[off : off + n])
-            off += n
-        if off != size or f.read(1):
-            h.update(_CHANGED_SIZE)
-    return buf, h
-
-
-_CHANGED_SIZE = b"(the file changed size while it was read)"
+    return _read_into(open(path, "rb", buffering=0), torch.empty(size, dtype=torch.uint8), size, pipe)
 
 
 def _read_direct(path: Path, size: int, pipe: _Pipeline) -> tuple[Tensor, _Sha256] | None:
-    """:func:`_read_file` with O_DIRECT; None, having read nothing, where the file system refuses it."""
+    """:func:`_read_file` with O_DIRECT; None, having read nothing, where the file system refuses it.
+
+    Reads cover whole blocks, so the buffer is ``size`` rounded up to the alignment (the file ends
+    inside its last block); whether O_DIRECT reads work is checked with one block first.
+    """
     global _direct_ok
-    span = -(-size // _ALIGN) * _ALIGN  # reads cover whole blocks; the file ends inside the last
+    span = -(-size // _ALIGN) * _ALIGN
     raw = torch.empty(span + _ALIGN, dtype=torch.uint8)
     start = -raw.data_ptr() % _ALIGN
     buf = raw[start : start + span]
-    mv = memoryview(buf.numpy())
+    f = None
     try:
         f = open(os.open(path, os.O_RDONLY | os.O_DIRECT), "rb", buffering=0)  # noqa: SIM115
+        f.readinto(memoryview(buf.numpy())[:_ALIGN])  # the probe: read again by _read_into
+        f.seek(0)
     except OSError as e:
+        if f is not None:
+            f.close()
         if e.errno != errno.EINVAL:
             raise
         _direct_ok = False
+        logger.debug("O_DIRECT reads refused for %s (%s); reading through the page cache", path, e)
         return None
-    h = pipe.hasher(bounded=False)
+    return _read_into(f, buf, size, pipe, block=_ALIGN)
+
+
+def _read_into(f: Any, buf: Tensor, size: int, pipe: _Pipeline, block: int = 1) -> tuple[Tensor, _Sha256]:
+    """Read the unbuffered file f into buf (``size`` bytes, or more for whole O_DIRECT blocks) and
+    close it, in reads of a multiple of ``block`` bytes; the first ``size`` bytes are hashed as
+    they arrive. Returns them and their hash lane."""
+    mv = memoryview(buf.numpy())
+    span = len(mv)
+    step = max(block, _SLICE - _SLICE % block)
+    h = pipe.hasher(bounded=False)  # the buffer is kept anyway: no need to hold the reader back
     with f:
         off = 0
         while off < span:
-            try:
-                n = f.readinto(mv[off : min(off + _SLICE, span)])
-            except OSError as e:
-                if off or e.errno != errno.EINVAL:
-                    raise
-                _direct_ok = False
-                logger.debug("O_DIRECT reads refused for %s (%s); reading through the page cache", path, e)
-                return None
+            n = f.readinto(mv[off : min(off + step, span)])
             if not n:
                 break
             h.update(mv[off : off + min(n, max(0, size - off))])
             off += n
         if off != size or os.fstat(f.fileno()).st_size != size:
-            h.update(_CHANGED_SIZE)
+            h.update(b"(the file changed size while it was read)")
     return buf[:size], h
 
 
@@ -1166,6 +1155,14 @@ def _read_verified(
     return out
 
 
+def _read_wanted(d: Path, files: Mapping[str, Mapping[str, Any]], wanted: set[str]) -> dict[str, Tensor]:
+    """:func:`_read_verified`, after checking that the marker lists every wanted file."""
+    absent = sorted(wanted - set(files))
+    if absent:
+        raise CheckpointError(f"checkpoint {d} has no {', '.join(absent)}; it cannot be loaded here")
+    return _read_verified(d, files, wanted)
+
+
 def _json_of(buf: Tensor, what: str) -> Any:
     try:
         return json.loads(buf.numpy().tobytes().decode("utf-8"))
@@ -1220,10 +1217,7 @@ def load_checkpoint(
         else:
             logger.warning("checkpoint %s has no optimizer state; the optimizer is left as it is", d)
             optimizer = None
-    absent = sorted(wanted - set(files))
-    if absent:
-        raise CheckpointError(f"checkpoint {d} has no {', '.join(absent)}; it cannot be loaded here")
-    bufs = _read_verified(d, files, wanted)
+    bufs = _read_wanted(d, files, wanted)
 
     problems: list[str] = []
     weights = _parse_safetensors(bufs.pop(MODEL_FILE), f"{d / MODEL_FILE}")
@@ -1283,10 +1277,7 @@ def load_training_state(ckpt_dir: str | Path) -> dict[str, Any]:
     d = Path(ckpt_dir)
     files = _read_marker(d)
     wanted = {TRAINER_STATE, RNG_FILE, RNG_META}
-    absent = sorted(wanted - set(files))
-    if absent:
-        raise CheckpointError(f"checkpoint {d} has no {', '.join(absent)}; it cannot be loaded here")
-    bufs = _read_verified(d, files, wanted)
+    bufs = _read_wanted(d, files, wanted)
     try:
         trainer_state, rng_state = _training_state(d, bufs)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
