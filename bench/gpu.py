@@ -138,21 +138,17 @@ def main(argv: list[str] | None = None) -> None:
             tps, losses = measure(run, loss_fn, a, device)
         except torch.OutOfMemoryError:  # say so and measure the others: a GPU call is one shot
             print(f"{name:>22}: out of memory at batch {a.batch} x seq {a.seq} (try a smaller --batch)")
-            del model, run
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        mem = (
-            f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-            if device.type == "cuda"
-            else ""
-        )
-        results[name] = tps
-        print(
-            f"{name:>22}: {tps:10.0f} tokens/s   MFU {tps * fpt / peak:6.1%}   "
-            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}{mem}"
-        )
+        else:
+            mem = (
+                f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                if device.type == "cuda"
+                else ""
+            )
+            results[name] = tps
+            print(
+                f"{name:>22}: {tps:10.0f} tokens/s   MFU {tps * fpt / peak:6.1%}   "
+                f"loss {losses[0]:.4f} -> {losses[-1]:.4f}{mem}"
+            )
         del model, run
         gc.collect()
         if device.type == "cuda":
