@@ -62,8 +62,8 @@ train_step() {  # an uninterrupted run (a), and one killed after its first check
   trap 'rm -rf "$root"' RETURN
   local sets=(--set train.max_chunks=2 --set train.deterministic=true)
   "$PY" -m llm360.cli --no-progress prepare --run-dir "$root/a" || return 1
+  cp -r "$root/a" "$root/b"  # the same prepared data for both runs
   "$PY" -m llm360.cli --no-progress train --run-dir "$root/a" --device "$dev" "${sets[@]}" || return 1
-  "$PY" -m llm360.cli --no-progress prepare --run-dir "$root/b" || return 1
   "$PY" -m llm360.cli --no-progress train --run-dir "$root/b" --device "$dev" "${sets[@]}" &
   local pid=$!
   while kill -0 "$pid" 2>/dev/null && [ ! -f "$root/b/checkpoints/ckpt_000/COMPLETE.json" ]; do sleep 0.2; done
