@@ -41,6 +41,33 @@ def test_workers_1_and_2_give_byte_identical_data(tmp_path: Path):
     assert any(k.startswith("provenance_") for k in ha)
 
 
+def test_a_moved_corpus_prepares_to_the_same_data(tmp_path: Path):
+    # Document ids do not hold the corpus's location, so neither do the split and the mix.
+    cfg = small_config(tmp_path / "here", n_docs=120, chunks=2)
+    prepare(cfg, tmp_path / "a")
+    (tmp_path / "there").mkdir()
+    os.rename(tmp_path / "here" / "src", tmp_path / "there" / "corpus")
+    raw = cfg.model_dump(mode="json")
+    for s in raw["data"]["sources"]:
+        s["paths"] = [p.replace(str(tmp_path / "here" / "src"), str(tmp_path / "there" / "corpus")) for p in s["paths"]]
+    prepare(validate_config(raw), tmp_path / "b")
+    ha, hb = (tree_hashes(tmp_path / r / "data") for r in "ab")
+    assert ha.pop("manifest.json") != hb.pop("manifest.json")  # it records the source paths
+    assert ha == hb and any(k.startswith("chunk_") for k in ha)
+
+
+def test_too_small_a_validation_share_is_said_at_prepare_and_eval(tmp_path: Path, caplog):
+    from llm360.eval.perplexity import validation_sources
+
+    cfg = small_config(tmp_path, n_docs=60, chunks=2, extra={"valid_fraction": 0.001})
+    with caplog.at_level("WARNING", logger="llm360"):
+        prepare(cfg, tmp_path / "run")
+    assert "source 'web': valid_fraction = 0.001 held out 0 of its 60 documents" in caplog.text
+    assert "raise data.valid_fraction" in caplog.text
+    _, sources, why = validation_sources(tmp_path / "run" / "data")
+    assert sources == [] and "no validation rows: data.valid_fraction = 0.001" in why
+
+
 def test_seed_changes_order_not_content(tmp_path: Path):
     cfg = small_config(tmp_path)
     prepare(cfg, tmp_path / "a")

@@ -9,6 +9,7 @@ import json
 import logging
 import lzma
 import os
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -240,10 +241,23 @@ def test_missing_paths_are_data_errors(tmp_path: Path) -> None:
         read(src("jsonl", "empty_dir"))
 
 
-def test_absolute_paths_keep_their_form(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
-    (item,) = read(src("jsonl", tmp_path / "a.jsonl"))
-    assert item.doc_id == f"{(tmp_path / 'a.jsonl').as_posix()}:1"
+def test_doc_ids_do_not_depend_on_where_the_corpus_lies(tmp_path: Path) -> None:
+    # Ids are relative to the deepest folder holding all of a source's paths, so the split and the
+    # mix of a re-prepared corpus do not change when it is moved or named by an absolute path.
+    for rel in ["corpus/web/a.jsonl", "corpus/web/sub/b.jsonl", "corpus/c.jsonl"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / rel, [{"text": rel}])
+    expected = ["c.jsonl:1", "web/a.jsonl:1", "web/sub/b.jsonl:1"]
+    assert [i.doc_id for i in read(src("jsonl", "corpus"))] == expected
+    assert [i.doc_id for i in read(src("jsonl", tmp_path / "corpus"))] == expected
+    assert [i.doc_id for i in read(src("jsonl", "corpus/**/*.jsonl"))] == expected
+    shutil.move(tmp_path / "corpus", tmp_path / "elsewhere")
+    moved = src("jsonl", tmp_path / "elsewhere" / "web", "elsewhere/c.jsonl")  # absolute and relative
+    assert [i.doc_id for i in read(moved)] == expected
+    assert [i.doc_id for i in read(src("jsonl", tmp_path / "elsewhere" / "c.jsonl"))] == ["c.jsonl:1"]
+    # A folder's ids do not change when a file is added to it.
+    write_jsonl(tmp_path / "elsewhere" / "a0.jsonl", [{"text": "new"}])
+    assert [i.doc_id for i in read(src("jsonl", "elsewhere"))] == ["a0.jsonl:1", *expected]
 
 
 # ---------------------------------------------------------------------------------- parquet
@@ -307,14 +321,14 @@ def test_text_files(tmp_path: Path) -> None:
     (tmp_path / "t" / "big.txt").write_text("z" * 500, encoding="utf-8")
     (tmp_path / "t" / "huge.txt").write_text("z" * 5000, encoding="utf-8")
     items = read(src("text", "t"), max_chars=1000)
-    assert [i.doc_id for i in items] == [
-        "t/a.md",
-        "t/b.txt",
-        "t/big.txt",
-        "t/bin.dat",
-        "t/blank.txt",
-        "t/huge.txt",
-        "t/sub/c.py",
+    assert [i.doc_id for i in items] == [  # relative to t/, the folder that holds them all
+        "a.md",
+        "b.txt",
+        "big.txt",
+        "bin.dat",
+        "blank.txt",
+        "huge.txt",
+        "sub/c.py",
     ]
     assert reasons(items) == [None, None, None, "invalid_utf8", "empty", "too_large", None]
     assert items[0].text == "alpha\n" and items[-1].text == "print('c')\n"
@@ -471,4 +485,4 @@ def test_symlinked_folders_followed_without_cycles(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
     (tmp_path / "d" / "loop").symlink_to(tmp_path / "d", target_is_directory=True)
-    assert docs(read(src("jsonl", "d"))) == [("d/linked/a.jsonl:1", "a")]
+    assert docs(read(src("jsonl", "d"))) == [("linked/a.jsonl:1", "a")]

@@ -328,6 +328,16 @@ class Preparer:
 
         for sd in sources:
             self._write_valid(sd, out)
+        vf = self.data_cfg.valid_fraction
+        for name, st in self.stats.items():
+            if vf > 0 and st.valid_rows == 0 and st.documents_train:
+                logger.warning(
+                    "source '%s': valid_fraction = %g held out %d of its %d documents (%d tokens), less "
+                    "than one %d-token row: it has no validation rows and held-out perplexity leaves it "
+                    "out; raise data.valid_fraction for a corpus this small",
+                    name, vf, st.documents_valid, st.documents_valid + st.documents_train, st.tokens_valid,
+                    self.L,
+                )  # fmt: skip
 
         stages_json, chunks_json = [], []
         used_masks = {sd.cfg.name: np.zeros(sd.n_train, dtype=bool) for sd in sources}

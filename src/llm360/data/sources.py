@@ -8,7 +8,8 @@ used, with a stable reason key from :data:`REJECT_REASONS`). So documents in = u
 Order: the source's paths are expanded (globs, folders recursively) and sorted by path; inside a
 file, lines or rows are read in order. Ids are ``<path>:<line>`` (1-based) for JSONL and LLM360
 files, ``<path>:<row>`` (0-based) for Parquet and saved datasets, and ``<path>`` for text files,
-where ``<path>`` is the path as given in the config (a folder's files are joined to it).
+where ``<path>`` is the file's path relative to the deepest folder holding all the source's paths
+(:func:`doc_id_prefixes`): the same ids, split and mix wherever the corpus lies.
 
 Everything streams: JSONL line by line, Parquet by row group and batch, datasets by batch, text
 files one at a time. No reader holds more than one line, batch or (bounded) document in memory.
@@ -26,13 +27,14 @@ import contextlib
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
 import lzma
 import os
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
 import zstandard
@@ -122,16 +124,17 @@ def iter_source(
         assert src.embedded is not None  # guaranteed by SourceConfig's validator
         return _iter_embedded(src.name, src.embedded, *limits)
     entries = _expand_paths(src)
+    labelled = list(zip(entries, doc_id_prefixes(src, entries), strict=True))
     if src.kind == "jsonl":
-        return _chain(_iter_jsonl(src.name, p, src.text_field, *limits) for p in entries)
+        return _chain(_iter_jsonl(src.name, p, lb, src.text_field, *limits) for p, lb in labelled)
     if src.kind == "llm360":
-        return _chain(_iter_llm360(src.name, p) for p in entries)
+        return _chain(_iter_llm360(src.name, p, lb) for p, lb in labelled)
     if src.kind == "parquet":
-        return _chain(_iter_parquet(src.name, p, src.text_field, *limits) for p in entries)
+        return _chain(_iter_parquet(src.name, p, lb, src.text_field, *limits) for p, lb in labelled)
     if src.kind == "text":
-        return _chain(_iter_text(src.name, p, *limits) for p in entries)
+        return _chain(_iter_text(src.name, p, lb, *limits) for p, lb in labelled)
     if src.kind == "hf_dataset":
-        return _chain(_iter_hf_dataset(src.name, p, src.text_field, *limits) for p in entries)
+        return _chain(_iter_hf_dataset(src.name, p, lb, src.text_field, *limits) for p, lb in labelled)
     if src.kind == "snapshot":
         return _chain(_iter_snapshot(src.name, p, *limits) for p in entries)
     raise DataError(f"source '{src.name}': unknown kind {src.kind!r}")
@@ -140,6 +143,31 @@ def iter_source(
 def _chain(iterators: Iterator[Iterator[SourceItem]]) -> Iterator[SourceItem]:
     for it in iterators:
         yield from it
+
+
+def doc_id_prefixes(src: SourceConfig, entries: list[Path]) -> list[str]:
+    """The document-id prefix of each of a source's files (``entries``, from :func:`_expand_paths`).
+
+    It is the file's path relative to the deepest folder that holds every folder named by
+    ``src.paths``: a folder named is that folder, a glob its fixed leading folders, a file (or a
+    saved dataset) the folder it lies in. So ids, and with them the validation split and every
+    mixing draw, stay the same when the corpus is moved, named by an absolute path or read from
+    another working directory, and when files are added to a folder; distinct files keep distinct
+    prefixes.
+    """
+    if not entries:
+        return []
+    anchors = []
+    for given in src.paths:
+        path = Path(os.path.expanduser(given))
+        if path.exists():
+            walked = path.is_dir() and src.kind != "hf_dataset"
+            anchors.append(path if walked else path.parent)
+        else:  # a glob: the folders before its first wildcard
+            fixed = itertools.takewhile(lambda part: not _GLOB_CHARS.intersection(part), path.parts)
+            anchors.append(Path(*fixed))
+    base = os.path.commonpath([os.path.abspath(a) for a in anchors])
+    return [Path(os.path.relpath(os.path.abspath(p), base)).as_posix() for p in entries]
 
 
 # ------------------------------------------------------------------------------ path expansion
@@ -180,7 +208,7 @@ def _expand_paths(src: SourceConfig) -> list[Path]:
                     "point paths at the data files or a folder that has them"
                 )
             found.extend(files)
-    found.sort(key=lambda p: p.parts)
+    found.sort(key=lambda p: Path(os.path.abspath(p)).parts)  # the same order however paths are written
     unique: list[Path] = []
     seen: dict[str, Path] = {}
     for path in found:
@@ -444,9 +472,8 @@ def _keys(obj: dict) -> str:
 
 
 def _iter_jsonl(
-    name: str, path: Path, text_field: str, max_chars: int, min_chars: int
+    name: str, path: Path, label: str, text_field: str, max_chars: int, min_chars: int
 ) -> Iterator[Document | Rejected]:
-    label = path.as_posix()
     limit = _BYTES_PER_CHAR_MAX * max_chars + _LINE_SLACK
     seen_record = False
     for lineno, line, size in _iter_lines(path, limit):
@@ -512,8 +539,7 @@ def _has_lone_surrogate(text: str) -> bool:
 # --------------------------------------------------------------------------------------- llm360
 
 
-def _iter_llm360(name: str, path: Path) -> Iterator[TokenRow | Rejected]:
-    label = path.as_posix()
+def _iter_llm360(name: str, path: Path, label: str) -> Iterator[TokenRow | Rejected]:
     for lineno, line, _size in _iter_lines(path):
         doc_id = f"{label}:{lineno}"
         obj = _decode_json_line(name, doc_id, line, lineno)
@@ -613,12 +639,11 @@ def _column_error(path: Path, field: str, names: list[str], what: str) -> DataEr
 
 
 def _iter_parquet(
-    name: str, path: Path, field: str, max_chars: int, min_chars: int, batch_size: int = 1024
+    name: str, path: Path, label: str, field: str, max_chars: int, min_chars: int, batch_size: int = 1024
 ) -> Iterator[Document | Rejected]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    label = path.as_posix()
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
@@ -650,8 +675,7 @@ def _iter_parquet(
 # --------------------------------------------------------------------------------------- text
 
 
-def _iter_text(name: str, path: Path, max_chars: int, min_chars: int) -> Iterator[Document | Rejected]:
-    doc_id = path.as_posix()
+def _iter_text(name: str, path: Path, doc_id: str, max_chars: int, min_chars: int) -> Iterator[Document | Rejected]:
     try:
         size = path.stat().st_size
         # UTF-8 spends at most 4 bytes per character: a bigger file is too large without reading it.
@@ -715,7 +739,7 @@ def _hf_data_files(split_dir: Path) -> list[Path]:
 
 
 def _iter_hf_dataset(
-    name: str, root: Path, field: str, max_chars: int, min_chars: int, batch_size: int = 1024
+    name: str, root: Path, root_label: str, field: str, max_chars: int, min_chars: int, batch_size: int = 1024
 ) -> Iterator[Document | Rejected]:
     split_dir = _hf_split_dir(root)
     try:
@@ -736,7 +760,7 @@ def _iter_hf_dataset(
     ftype = ds.data.schema.field(field).type
     if not _text_type_ok(ftype):
         raise DataError(f"{split_dir}: column {field!r} has type {ftype}, expected a string column")
-    label = split_dir.as_posix()
+    label = (PurePosixPath(root_label) / split_dir.relative_to(root).as_posix()).as_posix()
     row = 0
     try:
         for table in ds.select_columns([field]).with_format("arrow").iter(batch_size=batch_size):

@@ -38,6 +38,12 @@ def validation_sources(data_dir: Path) -> tuple[DataStore | None, list[str], str
     sources = [s for s, meta in valid.items() if meta and int(meta.get("rows", 0)) > 0]
     if not sources:
         frac = (store.manifest.get("data_config") or {}).get("valid_fraction")
+        if frac:  # asked for, but too few documents fell in the held-out share to fill one row
+            return store, [], (
+                f"this run has no validation rows: data.valid_fraction = {frac} held out less than one "
+                "sequence of tokens per source; held-out perplexity is skipped; prepare with a larger "
+                "data.valid_fraction to get it"
+            )
         return store, [], (
             "this run has no validation split"
             + (f" (data.valid_fraction = {frac} when it was prepared)" if frac is not None else "")
