@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,54 @@ def test_fsdp_rollback_restores_sharded_state_in_place(
         load_file(str(ck / "ckpt_002" / "model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-4)
+
+
+def _agreement_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from llm360.errors import CheckpointError, Llm360Error, RunDirError
+    from llm360.train.distributed import DistInfo, same_on_every_rank, together
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    info = DistInfo(rank, world)
+    seen: dict[str, list[str]] = {}
+    try:
+        with together(info):
+            if rank == 1:
+                raise CheckpointError("ckpt_003/model.safetensors does not match its marker")
+    except Llm360Error as e:
+        seen["together"] = [type(e).__name__, str(e)]
+    with together(info):  # nobody fails: nobody raises
+        pass
+    try:
+        same_on_every_rank("ckpt_001 at step 40" if rank == 0 else None, "latest complete checkpoint", info)
+    except RunDirError as e:
+        seen["same"] = [type(e).__name__, str(e)]
+    same_on_every_rank("ckpt_001", "latest complete checkpoint", info)
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path: Path):
+    # One rank failing to read a checkpoint must not leave the others waiting in a collective,
+    # and ranks that see different checkpoints must not train on.
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_agreement_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "the ranks did not finish: a collective is waiting"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"{rank}.json").read_text())
+        kind, msg = seen["together"]
+        assert kind == "CheckpointError" and "ckpt_003/model.safetensors does not match its marker" in msg
+        assert msg.startswith("rank 1: ") == (rank == 0)  # the others say which rank failed
+        kind, msg = seen["same"]
+        assert kind == "RunDirError"
+        assert "rank 0: ckpt_001 at step 40; rank 1: None" in msg and "shared by all nodes" in msg

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llm360.errors import CheckpointError, ConfigError, DataError, Llm360Error, RunDirError
 from llm360.utils import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,51 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _gather(obj, info: DistInfo) -> list:
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextmanager
+def together(info: DistInfo) -> Iterator[None]:
+    """Run a block on every rank; a user-facing error raised in it on any rank is raised on all.
+
+    A rank that failed alone (a checkpoint file it cannot read, a data folder missing on its node)
+    would otherwise exit while the others wait in the next collective. Every rank must enter the
+    block; the others raise the failing rank's error, prefixed with its rank.
+    """
+    error: Llm360Error | None = None
+    try:
+        yield
+    except Llm360Error as e:
+        if not info.enabled:
+            raise
+        error = e
+    if not info.enabled:
+        return
+    failed = _gather(None if error is None else (type(error).__name__, str(error)), info)
+    if error is not None:
+        raise error
+    for rank, item in enumerate(failed):
+        if item is not None:
+            kinds = {c.__name__: c for c in (ConfigError, DataError, RunDirError, CheckpointError)}
+            raise kinds.get(item[0], Llm360Error)(f"rank {rank}: {item[1]}")
+
+
+def same_on_every_rank(value: object, what: str, info: DistInfo) -> None:
+    """Raise RunDirError on every rank unless all ranks see the same `value` (collective)."""
+    if not info.enabled:
+        return
+    seen = _gather(value, info)
+    if any(v != seen[0] for v in seen):
+        listed = "; ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+        raise RunDirError(
+            f"the ranks do not see the same {what} ({listed}); every rank must read the same run "
+            "directory, on a file system shared by all nodes"
+        )
 
 
 def barrier(info: DistInfo) -> None:

@@ -49,8 +49,10 @@ from llm360.train.distributed import (
     load_sharded,
     named_optimizer_state,
     parallelize,
+    same_on_every_rank,
     save_sharded,
     sharded_copy_step,
+    together,
 )
 from llm360.train.metrics import MetricsLogger, truncate_jsonl_from_step
 from llm360.train.optim import build_optimizer, lr_at, set_lr
@@ -171,21 +173,29 @@ class Trainer:
 
     def setup(self) -> None:
         tcfg = self.tcfg
-        # names and sizes here; load_checkpoint hashes every file as it reads it
-        latest = ckpt.latest_complete_checkpoint(self.rd.checkpoints, verify=False)
-        saved = None
-        if latest is not None:
-            saved = TrainState.from_json(read_trainer_state(latest))
-        data_dir = self._data_dir(saved)
-        self.store = DataStore(data_dir)
-        m = self.store.manifest
-        if self._explicit_data is None and (saved is None or not saved.data_dir):
-            if m["config_hash"] != self.cfg.data_hash():
-                raise ConfigError(
-                    f"the data in {data_dir} was prepared from another data config (hash "
-                    f"{m['config_hash'][:12]}, this config {self.cfg.data_hash()[:12]}); train with the "
-                    "config the data was prepared with, or prepare again"
-                )
+        # What a rank reads alone (checkpoints, data) may fail on one rank only: a rank's error is
+        # raised on every rank (`together`), and ranks that see different checkpoints stop, rather
+        # than wait for each other in a collective or train from different states.
+        with together(self.info):
+            # names and sizes here; load_checkpoint hashes every file as it reads it
+            latest = ckpt.latest_complete_checkpoint(self.rd.checkpoints, verify=False)
+            saved = None
+            if latest is not None:
+                saved = TrainState.from_json(read_trainer_state(latest))
+            data_dir = self._data_dir(saved)
+            self.store = DataStore(data_dir)
+            m = self.store.manifest
+            if self._explicit_data is None and (saved is None or not saved.data_dir):
+                if m["config_hash"] != self.cfg.data_hash():
+                    raise ConfigError(
+                        f"the data in {data_dir} was prepared from another data config (hash "
+                        f"{m['config_hash'][:12]}, this config {self.cfg.data_hash()[:12]}); train with the "
+                        "config the data was prepared with, or prepare again"
+                    )
+        same_on_every_rank(
+            None if latest is None else f"{latest.name} at step {saved.step}", "latest complete checkpoint", self.info
+        )
+        same_on_every_rank(m["config_hash"], f"prepared data (config hash in {data_dir}/manifest.json)", self.info)
         if self.cfg.model.max_seq_len is not None and self.cfg.model.max_seq_len < self.store.seq_len:
             raise ConfigError(
                 f"model.max_seq_len = {self.cfg.model.max_seq_len} is shorter than the data's seq_len "
@@ -219,9 +229,16 @@ class Trainer:
             self.state.data_dir = str(data_dir.resolve())
 
         if latest is not None:
-            self._resume(latest, saved)
-        elif self.init_from is not None:
-            self._init_from(self.init_from)
+            dcp_dir = self.rd.checkpoints / "dcp" / latest.name
+            self.sharded_resume = (
+                tcfg.parallelism == "fsdp" and self.info.enabled and sharded_copy_step(dcp_dir) == saved.step
+            )
+            same_on_every_rank(self.sharded_resume, f"sharded copy checkpoints/dcp/{latest.name}", self.info)
+        with together(self.info):  # no collective inside
+            if latest is not None:
+                self._resume(latest, saved)
+            elif self.init_from is not None:
+                self._init_from(self.init_from)
         dropped = 0
         resuming = latest is not None and self.state.step < self.stop_step  # not when already finished
         if resuming and self.info.is_main:
@@ -268,10 +285,6 @@ class Trainer:
                 f"config: run id {saved.run_id[:12]} vs {self.run_id[:12]}). Use a new --run-dir, or "
                 f"--init-from {latest} to start a new run from it. Compare with {latest / 'config.yaml'}."
             )
-        dcp_dir = self.rd.checkpoints / "dcp" / latest.name
-        self.sharded_resume = (
-            self.tcfg.parallelism == "fsdp" and self.info.enabled and sharded_copy_step(dcp_dir) == saved.step
-        )
         # with a sharded copy the optimizer state comes from it, shard by shard, after fully_shard
         opt = None if self.sharded_resume else self.optimizer
         res = ckpt.load_checkpoint(latest, self.model, opt, strict=opt is not None)
@@ -396,21 +409,25 @@ class Trainer:
         dict (trainer and RNG state) and whether the state came from the sharded copy.
         """
         if not is_sharded(self.model):
-            return ckpt.load_checkpoint(target, self.model, self.optimizer), False
+            with together(self.info):
+                res = ckpt.load_checkpoint(target, self.model, self.optimizer)
+            return res, False
         dcp_dir = self.rd.checkpoints / "dcp" / target.name
         # every rank must take the same path: the loads below are collectives
         from_copy = broadcast_object(
             sharded_copy_step(dcp_dir) == int(read_trainer_state(target).get("step", -1)), self.info
         )
         if from_copy:  # verified, then each rank reads its own shards: no full-size copy anywhere
-            res = ckpt.load_training_state(target)
+            with together(self.info):
+                res = ckpt.load_training_state(target)
             load_sharded(self.model, self.optimizer, dcp_dir)
         else:
             with torch.device("meta"):  # no initialisation: every value is overwritten by the load
                 full = Llama(self.mcfg)
             full.to_empty(device="cpu")
             full_opt = build_optimizer(full, self.tcfg)
-            res = ckpt.load_checkpoint(target, full, full_opt)
+            with together(self.info):
+                res = ckpt.load_checkpoint(target, full, full_opt)
             load_full_state(self.model, self.optimizer, full.state_dict(), named_optimizer_state(full, full_opt))
         logger.info("restored %s in place on every rank (%s)", target.relative_to(self.rd.root),
                     "sharded copy" if from_copy else "consolidated files")
