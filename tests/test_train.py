@@ -209,6 +209,41 @@ def test_nan_rollback_reseed_then_stop_policy(tmp_path: Path):
     assert ev[-1]["event"] == "stop"
 
 
+@pytest.mark.parametrize("policy", ["record", "skip_step", "rollback_skip_chunk"])
+def test_loss_spikes_follow_their_policy(tmp_path: Path, policy: str):
+    cfg = tiny_run_config(tmp_path, guards={"spike_factor": 3.0, "spike_window": 20, "spike_policy": policy})
+    run = tmp_path / "run"
+    prepare(cfg, run)
+    from llm360.data.store import DataStore
+
+    spc = DataStore(run / "data").step_index(8).steps_per_chunk
+    spike = spc[0] + 3  # inside chunk 1, with more than 10 losses in the window
+    s = _train_with_nan(cfg, run, f"{spike}:x10")
+    assert s["done"]
+    ev = read_jsonl(run / "metrics" / "events.jsonl")
+    guards = [e for e in ev if e["event"] in ("loss_spike", "skip_step", "rollback_skip_chunk")]
+    assert [(e["event"], e["step"]) for e in guards] == [
+        ("loss_spike" if policy == "record" else policy, spike if policy != "rollback_skip_chunk" else spc[0])
+    ]
+    logged = {r["step"]: r["loss"] for r in read_jsonl(run / "metrics" / "train.jsonl")}
+    if policy == "record":  # logged and trained on (the gradient clipped like any other)
+        assert s["skipped_steps"] == [] and logged[spike] > 3 * logged[spike - 1]
+        assert guards[0]["loss"] == pytest.approx(logged[spike])
+    elif policy == "skip_step":
+        assert s["skipped_steps"] == [spike] and "loss spike" in guards[0]["reason"]
+    else:
+        assert s["skipped_chunks"] == [1]
+        assert_same_weights(run / "checkpoints" / "ckpt_000", run / "checkpoints" / "ckpt_001")
+
+
+def test_injection_spec_is_checked():
+    from llm360.train.loop import parse_injections
+
+    assert parse_injections(" 4, 9:x20 ,") == {4: None, 9: 20.0}
+    with pytest.raises(ConfigError, match="'9:y2' is not STEP or STEP:xFACTOR"):
+        parse_injections("9:y2")
+
+
 def test_bad_inputs_are_clear(tmp_path: Path, prepared):
     cfg, run = prepared
     with pytest.raises(DataError, match="no prepared data"):

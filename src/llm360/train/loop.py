@@ -65,8 +65,9 @@ _NON_NUMERIC_TRAIN_FIELDS = {
     "log_every", "tensorboard", "wandb", "wandb_project", "max_chunks", "checkpoint_every_steps",
     "compile", "activation_checkpointing", "micro_batch_sequences", "guards",
 }
-INJECT_ENV = "LLM360_INJECT_NAN_AT_STEPS"
-"""Test hook: comma-separated global steps whose loss is made NaN (once each) to exercise the guards."""
+INJECT_ENV = "LLM360_INJECT_AT_STEPS"
+"""Test hook to exercise the guards: comma-separated global steps whose loss and gradients are made NaN
+(``7``) or multiplied by a factor (``7:x20``, a loss spike), once each."""
 
 H100_BF16_PEAK_FLOPS = 989e12
 
@@ -103,6 +104,18 @@ class TrainState:
     def from_json(cls, d: dict) -> TrainState:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def parse_injections(spec: str) -> dict[int, float | None]:
+    """``"4,9:x20"`` -> {4: None (NaN), 9: 20.0 (loss times 20)}; see :data:`INJECT_ENV`."""
+    out: dict[int, float | None] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        step, _, factor = item.partition(":x")
+        try:
+            out[int(step)] = float(factor) if factor else None
+        except ValueError:
+            raise ConfigError(f"{INJECT_ENV}={spec!r}: {item!r} is not STEP or STEP:xFACTOR") from None
+    return out
 
 
 def run_identity(cfg: RunConfig, data_hash: str, model_cfg: dict) -> str:
@@ -160,7 +173,7 @@ class Trainer:
         self.sharded_resume = False
         """Steps to skip as the original run's guards did (set by `llm360 verify --replay`)."""
         inject = os.environ.get(INJECT_ENV, "")
-        self._inject_steps = {int(s) for s in inject.split(",") if s.strip()}
+        self._inject_steps = parse_injections(inject)
 
     # ------------------------------------------------------------------ set-up
     def _data_dir(self, saved: TrainState | None) -> Path:
@@ -463,11 +476,15 @@ class Trainer:
             loss_sum += loss.detach().double()
         if step in self._inject_steps and step not in self._injected:
             self._injected.add(step)
-            loss_sum.fill_(float("nan"))
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-                    break
+            factor = self._inject_steps[step]
+            if factor is None:  # NaN: one gradient is enough for the non-finite check
+                loss_sum.fill_(float("nan"))
+                next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+            else:  # a loss spike: loss and gradients scaled alike
+                loss_sum.mul_(factor)
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
         loss_global = all_reduce_sum(loss_sum, self.info).item() / tokens_global
         clip = self.tcfg.grad_clip if self.tcfg.grad_clip is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
