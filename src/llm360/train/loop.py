@@ -349,19 +349,19 @@ class Trainer:
             model_state, optimizer, names = gather_full_state(self.model, self.optimizer)
         else:
             model_state, optimizer, names = self.model.state_dict(), self.optimizer, self.model
-        if self.info.is_main:
-            t0 = time.perf_counter()
-            ckpt.save_checkpoint(
-                target,
-                model_state=model_state,
-                optimizer=optimizer,
-                param_names=names,
-                trainer_state=state,
-                rng_state=ckpt.capture_rng(),
-                extra_files=self._extra_files,
-            )
-            logger.info("saved %s (%.1fs)", target.relative_to(self.rd.root), time.perf_counter() - t0)
-        barrier(self.info)
+        with together(self.info):  # every rank waits for it; a failed write stops every rank
+            if self.info.is_main:
+                t0 = time.perf_counter()
+                ckpt.save_checkpoint(
+                    target,
+                    model_state=model_state,
+                    optimizer=optimizer,
+                    param_names=names,
+                    trainer_state=state,
+                    rng_state=ckpt.capture_rng(),
+                    extra_files=self._extra_files,
+                )
+                logger.info("saved %s (%.1fs)", target.relative_to(self.rd.root), time.perf_counter() - t0)
         if is_sharded(self.model) and self.optimizer.state:
             save_sharded(self.model, self.optimizer, self.rd.checkpoints / "dcp" / target.name, self.state.step,
                          self.info)
