@@ -169,6 +169,12 @@ def _agreement_worker(rank: int, world: int, init_file: str, out: str) -> None:
     with together(info):  # nobody fails: nobody raises
         pass
     try:
+        with together(info):
+            if rank == 0:
+                raise KeyError("step")  # a bug, not a user's mistake: still no rank left waiting
+    except (KeyError, RuntimeError) as e:
+        seen["bug"] = [type(e).__name__, str(e)]
+    try:
         same_on_every_rank("ckpt_001 at step 40" if rank == 0 else None, "latest complete checkpoint", info)
     except RunDirError as e:
         seen["same"] = [type(e).__name__, str(e)]
@@ -197,6 +203,9 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path: Path):
         kind, msg = seen["together"]
         assert kind == "CheckpointError" and "ckpt_003/model.safetensors does not match its marker" in msg
         assert msg.startswith("rank 1: ") == (rank == 0)  # the others say which rank failed
+        kind, msg = seen["bug"]
+        assert (kind, msg) == (("KeyError", "'step'") if rank == 0 else
+                               ("RuntimeError", "rank 0 failed with KeyError: 'step' (its traceback is in its log)"))
         kind, msg = seen["same"]
         assert kind == "RunDirError"
         assert "rank 0: ckpt_001 at step 40; rank 1: None" in msg and "shared by all nodes" in msg

@@ -83,16 +83,17 @@ def _gather(obj, info: DistInfo) -> list:
 
 @contextmanager
 def together(info: DistInfo) -> Iterator[None]:
-    """Run a block on every rank; a user-facing error raised in it on any rank is raised on all.
+    """Run a block on every rank; an error raised in it on any rank is raised on all.
 
     A rank that failed alone (a checkpoint file it cannot read, a data folder missing on its node)
     would otherwise exit while the others wait in the next collective. Every rank must enter the
-    block; the others raise the failing rank's error, prefixed with its rank.
+    block, and the block must hold no collective. The failing rank raises its own error; the others
+    raise the same kind of user-facing error prefixed with its rank, or a RuntimeError naming it.
     """
-    error: Llm360Error | None = None
+    error: Exception | None = None
     try:
         yield
-    except Llm360Error as e:
+    except Exception as e:
         if not info.enabled:
             raise
         error = e
@@ -103,8 +104,10 @@ def together(info: DistInfo) -> Iterator[None]:
         raise error
     for rank, item in enumerate(failed):
         if item is not None:
-            kinds = {c.__name__: c for c in (ConfigError, DataError, RunDirError, CheckpointError)}
-            raise kinds.get(item[0], Llm360Error)(f"rank {rank}: {item[1]}")
+            kinds = {c.__name__: c for c in (Llm360Error, ConfigError, DataError, RunDirError, CheckpointError)}
+            if item[0] in kinds:
+                raise kinds[item[0]](f"rank {rank}: {item[1]}")
+            raise RuntimeError(f"rank {rank} failed with {item[0]}: {item[1]} (its traceback is in its log)")
 
 
 def same_on_every_rank(value: object, what: str, info: DistInfo) -> None:
