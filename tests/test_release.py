@@ -133,6 +133,49 @@ def test_rederive_rebuilds_identical_data_from_snapshots(tmp_path: Path):
     assert any("rederived" in p for p in rep.passed)
 
 
+def test_rederive_reads_a_moved_corpus_given_with_source(tmp_path: Path, capsys):
+    # A corpus too large to snapshot: the verifier downloads its raw files to a folder of their own.
+    from conftest import make_docs, write_jsonl
+    from llm360.config import validate_config
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    write_jsonl(corpus / "a.jsonl", make_docs(40, seed=3))
+    write_jsonl(corpus / "sub" / "b.jsonl", make_docs(30, seed=4))
+    raw = {"data": {"seq_len": 16, "chunks": 2, "tokenizer": {"vocab_size": 300}, "valid_fraction": 0.1,
+                    "sources": [{"name": "web", "paths": [str(corpus)]}]},
+           "model": {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2},
+           "train": {"global_batch_sequences": 32, "micro_batch_sequences": 32}}  # fmt: skip
+    cfg = validate_config(raw)
+    prepare(cfg, tmp_path / "run")
+    train(cfg, tmp_path / "run")
+    out = release(tmp_path / "run", tmp_path / "rel")
+    assert not (out / "data" / "sources").exists()
+    moved = tmp_path / "downloads" / "web-corpus"
+    moved.parent.mkdir()
+    corpus.rename(moved)
+
+    rep = verify(out, rederive_data=True)
+    assert not rep.ok and "--source NAME=PATH" in rep.problems[0] and str(corpus) in rep.problems[0]
+    rep = verify(out, rederive_data=True, source_paths={"web": [str(moved)]})
+    assert rep.ok, rep.problems
+    assert cli_main(["--no-progress", "verify", str(out), "--rederive", "--source", f"web={moved}"]) == 0
+
+    lines = (moved / "sub" / "b.jsonl").read_text().splitlines()
+    lines[3] = lines[3].replace("a", "b", 1)  # one changed character in one document
+    (moved / "sub" / "b.jsonl").write_text("\n".join(lines) + "\n")
+    rep = verify(out, rederive_data=True, source_paths={"web": [str(moved)]})
+    assert not rep.ok and any("data/documents/web.jsonl.gz differs" in p for p in rep.problems), rep.problems
+
+    capsys.readouterr()
+    assert cli_main(["verify", str(out), "--rederive", "--source", "news=/x"]) == 2
+    assert "no such source (its sources: web)" in capsys.readouterr().err
+    assert cli_main(["verify", str(out), "--source", f"web={moved}"]) == 2
+    assert "--source only applies with --rederive" in capsys.readouterr().err
+    assert cli_main(["verify", str(out), "--rederive", "--source", "web"]) == 2
+    assert "expected NAME=PATH" in capsys.readouterr().err
+
+
 def test_cli_release_and_verify(trained, tmp_path: Path, capsys):
     _, run = trained
     out = str(tmp_path / "rel")

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llm360 import __version__
-from llm360.errors import Llm360Error
+from llm360.errors import ConfigError, Llm360Error
 from llm360.log import console, setup_logging
 
 logger = logging.getLogger("llm360.cli")
@@ -223,7 +223,15 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from llm360.release.verify import verify
 
-    rep = verify(args.release, replay=args.replay or [], rederive_data=args.rederive)
+    source_paths: dict[str, list[str]] = {}
+    for item in args.source or []:
+        name, eq, paths = item.partition("=")
+        if not (eq and name.strip() and paths.strip()):
+            raise ConfigError(f"--source {item!r}: expected NAME=PATH or NAME=PATH,PATH (e.g. --source web=/data/web)")
+        source_paths[name.strip()] = [p for p in paths.split(",") if p]
+    if source_paths and not args.rederive:
+        raise ConfigError("--source only applies with --rederive")
+    rep = verify(args.release, replay=args.replay or [], rederive_data=args.rederive, source_paths=source_paths)
     for line in rep.passed:
         console.print(f"[green]ok[/]   {escape(line)}", highlight=False, soft_wrap=True)
     for line in rep.problems:
@@ -374,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("release", help="release folder")
     sp.add_argument("--replay", type=int, nargs="+", metavar="I", help="re-train chunk I from ckpt_{I-1} and compare")
     sp.add_argument("--rederive", action="store_true", help="rebuild the data from the raw sources and compare")
+    sp.add_argument("--source", action="append", metavar="NAME=PATH[,PATH]",
+                    help="with --rederive: read source NAME from these paths (a local copy of its raw files) "
+                         "instead of the config's paths or the release's snapshot; repeatable")
     sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser("report", help="one self-contained HTML page: transparency table, data, curves, evals, analyses")

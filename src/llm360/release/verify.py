@@ -9,6 +9,9 @@
   Skipped steps, skipped chunks and reseeded chunks recorded in the checkpoint are replayed too.
 * **Rederive** (``--rederive``): rebuild the data from the raw source snapshots (or the original
   files) and the config, and compare every chunk, provenance, validation and tokenizer file.
+  ``--source NAME=PATH[,PATH...]`` reads a source from a local copy of its raw files instead (a
+  corpus too large to snapshot, downloaded from where the release says): document ids are relative
+  to the source's folders, so the same files under another folder give the same data.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,17 +224,31 @@ def replay_chunk(root: Path, i: int) -> dict:
 # ---------------------------------------------------------------------------------- rederive
 
 
-def rederive(root: Path) -> list[str]:
-    """Rebuild the data from the raw sources and the config; the files that differ (empty: all equal)."""
+def rederive(root: Path, source_paths: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """Rebuild the data from the raw sources and the config; the files that differ (empty: all equal).
+
+    ``source_paths`` maps a source's name to the paths to read it from instead of the config's
+    (and instead of its snapshot in the release).
+    """
     from llm360.config import validate_config
     from llm360.data.prepare import prepare
 
     cfg = load_config(root / "config.yaml")
     raw = cfg.model_dump(mode="json")
     problems: list[str] = []
+    source_paths = dict(source_paths or {})
+    names = [src["name"] for src in raw["data"]["sources"]]
+    unknown = sorted(set(source_paths) - set(names))
+    if unknown:
+        raise ReleaseError(f"--source {', '.join(unknown)}: the release's config has no such source (its "
+                           f"sources: {', '.join(names)})")
     for src in raw["data"]["sources"]:
         snap = root / "data" / "sources" / f"{src['name']}.jsonl.gz"
-        if snap.is_file():
+        if src["name"] in source_paths:
+            if src["kind"] in ("embedded", "snapshot"):
+                raise ReleaseError(f"--source {src['name']}: a {src['kind']} source has no raw files to point at")
+            src["paths"] = [str(p) for p in source_paths[src["name"]]]
+        elif snap.is_file():
             src.update({"kind": "snapshot", "paths": [str(snap)], "embedded": None, "snapshot": False})
         elif src["kind"] == "embedded":
             problems.append(f"source {src['name']}: embedded corpus without a snapshot in data/sources")
@@ -245,7 +263,8 @@ def rederive(root: Path) -> list[str]:
         try:
             prepare(cfg2, tmp / "run")
         except Llm360Error as e:
-            return [f"rederive failed: {e}"]
+            return [f"rederive failed: {e}. A source whose raw files lie elsewhere is read from there with "
+                    "--source NAME=PATH"]
         new, old = tmp / "run" / "data", root / "data"
         compared = 0
         for p in sorted(old.rglob("*")):
@@ -265,8 +284,17 @@ def rederive(root: Path) -> list[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def verify(release_dir: str | Path, *, replay: list[int] | None = None, rederive_data: bool = False) -> VerifyReport:
-    """Check a release (or a run directory with a SHA256SUMS); see the module docstring."""
+def verify(
+    release_dir: str | Path,
+    *,
+    replay: list[int] | None = None,
+    rederive_data: bool = False,
+    source_paths: Mapping[str, Sequence[str]] | None = None,
+) -> VerifyReport:
+    """Check a release (or a run directory with a SHA256SUMS); see the module docstring.
+
+    ``source_paths`` (with ``rederive_data``): where to read named sources' raw files from.
+    """
     root = Path(release_dir)
     if not root.is_dir():
         raise ReleaseError(f"{root} is not a folder")
@@ -282,7 +310,7 @@ def verify(release_dir: str | Path, *, replay: list[int] | None = None, rederive
             report.passed.append(f"replay of chunk {index_name(i)}: {res.get('mode')} match "
                                  f"(max abs diff {res.get('max_abs_diff', 0.0):.3g})")
     if rederive_data:
-        probs = rederive(root)
+        probs = rederive(root, source_paths)
         report.problems.extend(probs)
         if not probs:
             report.passed.append("data rederived from the raw sources: every chunk, provenance, validation, "
