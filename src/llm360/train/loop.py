@@ -426,10 +426,10 @@ class Trainer:
                 res = ckpt.load_checkpoint(target, self.model, self.optimizer)
             return res, False
         dcp_dir = self.rd.checkpoints / "dcp" / target.name
-        # every rank must take the same path: the loads below are collectives
-        from_copy = broadcast_object(
-            sharded_copy_step(dcp_dir) == int(read_trainer_state(target).get("step", -1)), self.info
-        )
+        # every rank must take the same path (rank 0's): the loads below are collectives
+        with together(self.info):
+            has_copy = sharded_copy_step(dcp_dir) == int(read_trainer_state(target).get("step", -1))
+        from_copy = broadcast_object(has_copy, self.info)
         if from_copy:  # verified, then each rank reads its own shards: no full-size copy anywhere
             with together(self.info):
                 res = ckpt.load_training_state(target)
