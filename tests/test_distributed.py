@@ -34,6 +34,9 @@ def torchrun(nproc: int, cfg_path: Path, run: Path, timeout: int = 240) -> subpr
 def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, parallelism: str):
     cfg = tiny_run_config(tmp_path, parallelism=parallelism)
     raw = cfg.model_dump(mode="json")
+    if parallelism == "fsdp":  # and muP: a third param group (the blocks' matrices at a scaled lr), sharded
+        raw["model"]["mup"] = {"base_width": 16}
+        cfg = validate_config(raw)
     raw["train"]["max_chunks"] = 1
     one_chunk = validate_config(raw)
     cfg_path = tmp_path / "c.yaml"

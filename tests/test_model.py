@@ -202,6 +202,47 @@ def test_init_is_deterministic_and_scaled():
     assert torch.equal(a["model.norm.weight"], torch.ones(128))
 
 
+def test_mup_init_scales_the_blocks_matrices():
+    # width multiplier 128 / 32 = 4: the blocks' matrices at init_std / 2, embedding and head at init_std
+    cfg = tiny(num_layers=8, hidden_size=128, intermediate_size=256, vocab_size=1000, mup=MupConfig(base_width=32))
+    a = model_of(cfg, seed=3).state_dict()
+    std = cfg.init_std
+    assert a["model.layers.0.self_attn.q_proj.weight"].std().item() == pytest.approx(std / 2, rel=0.05)
+    assert a["model.layers.5.mlp.gate_proj.weight"].std().item() == pytest.approx(std / 2, rel=0.05)
+    assert a["model.layers.0.mlp.down_proj.weight"].std().item() == pytest.approx(std / 2 / 4, rel=0.05)
+    assert a["model.embed_tokens.weight"].std().item() == pytest.approx(std, rel=0.05)
+    assert a["lm_head.weight"].std().item() == pytest.approx(std, rel=0.05)
+
+
+def _logit_change_after_training(width: int, mup: bool, steps: int = 10, lr: float = 1e-2) -> float:
+    from llm360.config import TrainConfig
+    from llm360.train.optim import build_optimizer, set_lr
+
+    cfg = tiny(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_layers=2, num_heads=2,
+               mup=MupConfig(base_width=32, embedding_multiplier=1.0) if mup else None)  # fmt: skip
+    model = model_of(cfg).train()
+    opt = build_optimizer(model, TrainConfig(lr=lr, weight_decay=0.0))
+    x = ids(b=8, t=33, seed=7) % 256
+    with torch.no_grad():
+        before = model(x[:, :-1])
+    for _ in range(steps):
+        set_lr(opt, lr)
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        return (model(x[:, :-1]) - before).abs().mean().item()
+
+
+def test_mup_keeps_the_update_size_as_width_grows():
+    """muP's coordinate check: at one learning rate, how much training moves the logits does not grow
+    with width under muP (multipliers, init and per-layer learning rates), and does under the standard
+    parametrization. Measured: muP 0.51 -> 0.38 from width 32 to 256, standard 0.53 -> 2.5."""
+    mup = _logit_change_after_training(256, True) / _logit_change_after_training(32, True)
+    standard = _logit_change_after_training(256, False) / _logit_change_after_training(32, False)
+    assert mup < 1.5 and standard > 3.0, (mup, standard)
+
+
 def test_crystalcoder_options_forward_backward():
     cfg = tiny(
         hidden_size=64, norm="layernorm", norm_eps=1e-5, rope_fraction=0.25, mup=MupConfig(base_width=16)

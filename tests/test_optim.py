@@ -46,6 +46,26 @@ def test_two_groups_decay_only_matrices() -> None:
         assert g["fused"] is True  # CPU and CUDA: torch's fused kernel
 
 
+def test_mup_gives_the_blocks_matrices_a_scaled_learning_rate() -> None:
+    from llm360.config import ModelConfig, MupConfig
+    from llm360.model.llama import Llama
+
+    kw = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_layers": 2, "num_heads": 4}
+    model = Llama(ModelConfig(**kw, mup=MupConfig(base_width=16)))  # width multiplier 4
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1))
+    blocks, other, no_decay = opt.param_groups
+    assert _names(model, blocks["params"]) == {n for n, p in model.named_parameters()
+                                               if n.startswith("model.layers.") and p.ndim == 2}  # fmt: skip
+    assert _names(model, other["params"]) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    assert blocks["weight_decay"] == other["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [g["lr"] for g in opt.param_groups] == [1e-3 / 4, 1e-3, 1e-3]
+    set_lr(opt, 2e-4)
+    assert [g["lr"] for g in opt.param_groups] == [2e-4 / 4, 2e-4, 2e-4]
+    plain = build_optimizer(Llama(ModelConfig(**kw)), TrainConfig(lr=1e-3))
+    assert len(plain.param_groups) == 2 and not any("lr_scale" in g for g in plain.param_groups)
+
+
 def test_fused_kernel_is_reproducible_and_matches_the_reference() -> None:
     """Two runs give identical bits; the single-tensor reference path agrees to rounding."""
 

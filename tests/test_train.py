@@ -96,8 +96,13 @@ def test_checkpoint_folder_is_a_hugging_face_model(prepared):
     assert diff <= 1e-5
 
 
-def test_resume_after_stop_is_bitwise(tmp_path: Path):
+@pytest.mark.parametrize("mup", [False, True])
+def test_resume_after_stop_is_bitwise(tmp_path: Path, mup: bool):
     cfg = tiny_run_config(tmp_path, checkpoint_every_steps=3)
+    if mup:  # three param groups, the blocks' matrices at lr / 2
+        raw = cfg.model_dump(mode="json")
+        raw["model"]["mup"] = {"base_width": 16, "embedding_multiplier": 2.0}
+        cfg = validate_config(raw)
     prepare(cfg, tmp_path / "a")
     prepare(cfg, tmp_path / "b")
     train(cfg, tmp_path / "a")
@@ -116,6 +121,9 @@ def test_resume_after_stop_is_bitwise(tmp_path: Path):
     assert la == lb
     events = read_jsonl(tmp_path / "b" / "metrics" / "events.jsonl")
     assert any(e["event"] == "resume" for e in events)
+    groups = json.loads((tmp_path / "b" / "checkpoints" / "ckpt_002" / "optimizer.json").read_text())["param_groups"]
+    scales = [g["hyperparameters"].get("lr_scale", 1.0) for g in groups]
+    assert scales == ([0.5, 1.0, 1.0] if mup else [1.0, 1.0])
 
 
 @pytest.mark.slow

@@ -162,8 +162,11 @@ class DataConfig(Section):
 
 
 class MupConfig(Section):
-    base_width: int = 256
-    """Width at which the muP multipliers equal 1 (the proxy model's hidden size)."""
+    """muP (Cerebras' form, as CrystalCoder): with m = hidden_size / base_width, the blocks' matrices are
+    initialised with init_std / sqrt(m) and train at lr / m; embedding and output head keep init_std and lr."""
+
+    base_width: int = Field(256, ge=1)
+    """Width at which the muP multipliers equal 1 (the proxy model's hidden size, whose tuned lr and init_std transfer)."""
     embedding_multiplier: float = 10.0
     """Scale applied to the token embeddings' output."""
     output_multiplier: float = 1.0
@@ -196,7 +199,7 @@ class ModelConfig(Section):
     rope_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Fraction of each head's dims that get rotary embeddings (CrystalCoder: 0.25)."""
     mup: MupConfig | None = None
-    """muP multipliers (CrystalCoder); null for standard parametrization."""
+    """muP (CrystalCoder): multipliers, width-scaled init and per-layer learning rates; null for standard parametrization."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init."""
     tie_embeddings: bool = False

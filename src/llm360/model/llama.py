@@ -10,10 +10,12 @@ CrystalCoder options (from :class:`~llm360.config.ModelConfig`):
 * ``norm: layernorm`` -- LayerNorm (weight and bias) instead of RMSNorm everywhere.
 * ``rope_fraction`` -- rotary embeddings on the first ``rope_fraction`` of each head's dims
   (GPT-NeoX / StableLM layout); the remaining dims pass through unrotated.
-* ``mup`` -- muP multipliers: the embedding output is multiplied by ``embedding_multiplier``, the
-  logits by ``output_multiplier * base_width / hidden_size``, and attention scores are scaled by
-  ``1 / head_dim`` instead of ``1 / sqrt(head_dim)``. (Per-layer learning-rate scaling belongs to
-  the optimizer, not to this file.)
+* ``mup`` -- muP as Cerebras implements it (CrystalCoder was trained with it), with the width
+  multiplier ``m = hidden_size / base_width``: the embedding output is multiplied by
+  ``embedding_multiplier``, the logits by ``output_multiplier / m``, attention scores are scaled by
+  ``1 / head_dim`` instead of ``1 / sqrt(head_dim)``, the blocks' matrices are initialised with
+  ``init_std / sqrt(m)`` (embedding and output head with ``init_std``), and they train with the
+  learning rate divided by ``m`` (:func:`lr_multiplier`, applied by the optimizer).
 
 Speed, without parallelism code: q/k/v and gate/up each run as one matmul (weights concatenated on
 the fly), the rotary embedding is one autograd node, and the training loss never materialises the
@@ -389,6 +391,22 @@ def linear_cross_entropy(
 # ----------------------------------------------------------------------------------- model
 
 
+def width_multiplier(cfg: ModelConfig) -> float:
+    """muP's width multiplier ``hidden_size / base_width`` (1.0 without muP)."""
+    return cfg.hidden_size / cfg.mup.base_width if cfg.mup is not None else 1.0
+
+
+def is_block_matrix(name: str, p: torch.Tensor) -> bool:
+    """A matrix inside a transformer block (attention and MLP projections): muP's hidden weights."""
+    return p.ndim >= 2 and name.startswith("model.layers.")
+
+
+def lr_multiplier(cfg: ModelConfig, name: str, p: torch.Tensor) -> float:
+    """Factor on the learning rate of parameter ``name``: 1 / width multiplier for the blocks'
+    matrices under muP (Adam's update size then stays the same per coordinate as width grows), else 1."""
+    return 1.0 / width_multiplier(cfg) if cfg.mup is not None and is_block_matrix(name, p) else 1.0
+
+
 class Llama(nn.Module):
     """LLaMA decoder-only language model; ``state_dict()`` equals Hugging Face's LlamaForCausalLM's.
 
@@ -417,16 +435,21 @@ class Llama(nn.Module):
         """Normal(0, init_std) for every matrix; o_proj and down_proj get init_std / sqrt(2 * num_layers).
 
         Each block adds two residual branches (attention, MLP) ending in o_proj / down_proj; shrinking
-        those keeps the residual stream's variance from growing with depth (GPT-2's scheme).
+        those keeps the residual stream's variance from growing with depth (GPT-2's scheme). Under
+        muP the blocks' matrices are further divided by sqrt(hidden_size / base_width).
         Norm weights are ones, LayerNorm biases zeros. Call again after ``to_empty()`` from meta.
         """
-        std, residual_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * max(1, self.cfg.num_layers))
+        std = self.cfg.init_std
+        block_std = std / math.sqrt(width_multiplier(self.cfg))
+        residual_std = block_std / math.sqrt(2 * max(1, self.cfg.num_layers))
         for name, p in self.named_parameters():
             if "layernorm" in name or name.startswith("model.norm"):
                 nn.init.zeros_(p) if name.endswith(".bias") else nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
-            else:
+            elif is_block_matrix(name, p):
+                nn.init.normal_(p, mean=0.0, std=block_std)
+            else:  # embedding, output head
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def _head(self, h_BTD: torch.Tensor) -> torch.Tensor:

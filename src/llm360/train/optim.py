@@ -35,7 +35,11 @@ def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW(lr, betas, eps) with two param groups: group 0 decayed by cfg.weight_decay, group 1 not.
+    """AdamW(lr, betas, eps) with the decayed parameters (group 0) and the others (group 1).
+
+    Under muP (a :class:`~llm360.model.llama.Llama` whose config has ``mup``) the blocks' matrices get
+    a group of their own first, with ``lr_scale`` = 1 / width multiplier
+    (:func:`~llm360.model.llama.lr_multiplier`); :func:`set_lr` multiplies the schedule's rate by it.
 
     The kernel is torch's fused one on CUDA and on CPU: elementwise, hence deterministic (identical
     bits run after run, whatever the thread count), and the fastest (on CPU ~5x the single-tensor
@@ -43,26 +47,36 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     single-tensor reference path. The lr set here is the peak; the trainer overwrites it every step
     with :func:`set_lr`.
     """
+    from llm360.config import ModelConfig
+    from llm360.model.llama import lr_multiplier
+
+    mcfg = getattr(model, "cfg", None)
     decay, no_decay = decay_groups(model)
     params = decay + no_decay
     if not params:
         raise ValueError("build_optimizer: the model has no trainable parameters")
     fused = all(p.device.type in ("cuda", "cpu") for p in params)
     kernel = {"fused": True} if fused else {"foreach": False, "fused": False}
-    groups = [
+    groups: list[dict] = []
+    if isinstance(mcfg, ModelConfig) and mcfg.mup is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        scale = {id(p): lr_multiplier(mcfg, names[id(p)], p) for p in decay}
+        scaled = [p for p in decay if scale[id(p)] != 1.0]
+        decay = [p for p in decay if scale[id(p)] == 1.0]
+        if scaled:
+            groups.append({"params": scaled, "weight_decay": cfg.weight_decay, "lr_scale": scale[id(scaled[0])]})
+    groups += [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
+    set_lr(opt, cfg.lr)
     logger.debug(
-        "AdamW: %d tensors (%d params) with weight decay %g, %d tensors (%d params) without; %s",
-        len(decay),
-        sum(p.numel() for p in decay),
-        cfg.weight_decay,
-        len(no_decay),
-        sum(p.numel() for p in no_decay),
+        "AdamW: %s; %s",
+        ", ".join(f"{len(g['params'])} tensors ({sum(p.numel() for p in g['params'])} params) with weight decay "
+                  f"{g['weight_decay']:g} and lr x {g.get('lr_scale', 1.0):g}" for g in opt.param_groups),
         "fused" if fused else "single-tensor",
-    )
+    )  # fmt: skip
     return opt
 
 
@@ -93,9 +107,11 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every param group (in place, also for tensor-valued lr)."""
+    """Set every param group's learning rate to ``lr`` times its ``lr_scale`` (1 if absent; muP sets it),
+    in place, also for tensor-valued lr."""
     for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
         if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(value)
         else:
-            group["lr"] = lr
+            group["lr"] = value
