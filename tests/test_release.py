@@ -35,6 +35,7 @@ def test_release_contains_everything_and_verifies(trained, tmp_path: Path):
     assert not any(is_pickle(p) for p in out.rglob("*") if p.is_file())
     card = (out / "MODEL_CARD.md").read_text()
     assert "| Optimizer checkpoints | ✓ yes" in card and "| Hidden size | 32 |" in card
+    assert "| Normalization | RMSNorm, ε 1e-06 |" in card and "| Parametrization | standard (init std 0.02) |" in card
     code = json.loads((out / "code.json").read_text())
     assert code["llm360_version"] and "torch" in code["packages"]
     rep = verify(out, replay=[0, 2])
@@ -46,6 +47,26 @@ def test_release_contains_everything_and_verifies(trained, tmp_path: Path):
     from llm360.release.card import write_model_card
 
     assert "| Optimizer checkpoints | ✗ no" in write_model_card(out).read_text()
+
+
+def test_model_card_states_crystalcoder_options(tmp_path: Path):
+    from llm360.config import ModelConfig, MupConfig
+    from llm360.model.hf import hf_metadata_files
+    from llm360.release.card import write_model_card
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_seq_len=32, norm="layernorm", norm_eps=1e-5, rope_fraction=0.25,
+                      mup=MupConfig(base_width=16, embedding_multiplier=14.6, output_multiplier=2.22))  # fmt: skip
+    ckpt = tmp_path / "checkpoints" / "ckpt_000"
+    ckpt.mkdir(parents=True)
+    for name, data in hf_metadata_files(cfg, eos_token_id=0).items():
+        (ckpt / name).write_bytes(data)
+    card = write_model_card(tmp_path).read_text()
+    assert "| Attention heads | 4 (2 key/value heads) |" in card
+    assert "| Normalization | LayerNorm, ε 1e-05 |" in card
+    assert "| Rotary embeddings | θ 10000.0, on 25% of each head's dims |" in card
+    assert ("| Parametrization | muP: base width 16 (width multiplier 4), embedding x 14.6, logits x 2.22/4, "
+            "attention 1/d; blocks' matrices: init std 0.02/√4, lr / 4 |") in card  # fmt: skip
 
 
 def test_every_flipped_byte_is_caught_and_named(trained, tmp_path: Path):

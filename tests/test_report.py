@@ -249,6 +249,7 @@ def test_full_synthetic_run_shows_every_section(tmp_path: Path):
     # architecture from config.json + parameters from the safetensors header
     arch = section(html, "architecture")
     assert "19,232" in arch and "RMSNorm" in arch
+    assert "<td>parametrization</td><td>standard</td>" in arch.replace(" class=num", "")
     # evaluations: one chart per task/metric, headline first
     ev = section(html, "evaluations")
     assert ev.count('<svg class="chart line"') == 4

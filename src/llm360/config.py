@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,6 +172,22 @@ class MupConfig(Section):
     """Scale applied to the token embeddings' output."""
     output_multiplier: float = 1.0
     """Logits are multiplied by output_multiplier * base_width / hidden_size."""
+
+
+def parametrization_text(model: Mapping[str, Any]) -> str:
+    """One line saying how a model config (a dict, as read from a file) is parametrized: standard or muP
+    with its multipliers, width multiplier and what follows from it (for the model card and report)."""
+    mup, std = model.get("mup"), model.get("init_std")
+    if not isinstance(mup, Mapping):
+        return "standard" + (f" (init std {std})" if std is not None else "")
+    std = "init_std" if std is None else std
+    try:
+        m = f"{float(model['hidden_size']) / float(mup['base_width']):g}"
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        m = "m"
+    return (f"muP: base width {mup.get('base_width')} (width multiplier {m}), embedding x "
+            f"{mup.get('embedding_multiplier')}, logits x {mup.get('output_multiplier')}/{m}, attention 1/d; "
+            f"blocks' matrices: init std {std}/√{m}, lr / {m}")
 
 
 class ModelConfig(Section):

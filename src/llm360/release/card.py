@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from llm360.config import parametrization_text
+
 
 def _read_json(path: Path) -> Any:
     try:
@@ -58,6 +60,26 @@ def transparency(root: Path) -> list[tuple[str, bool, str]]:
     ]
 
 
+def _architecture_rows(m: dict) -> list[tuple[str, object]]:
+    """(label, value) rows of the card's architecture table from an llm360 ModelConfig dict."""
+    heads, kv = m.get("num_heads"), m.get("num_kv_heads")
+    norm = "LayerNorm" if m.get("norm") == "layernorm" else "RMSNorm"
+    rows: list[tuple[str, object]] = [
+        ("Hidden size", m.get("hidden_size")),
+        ("Intermediate size (MLP)", m.get("intermediate_size")),
+        ("Attention heads", heads if not kv or kv == heads else f"{heads} ({kv} key/value heads)"),
+        ("Hidden layers", m.get("num_layers")),
+        ("Normalization", f"{norm}, ε {m.get('norm_eps')}"),
+        ("Rotary embeddings", f"θ {m.get('rope_theta')}"
+         + (f", on {m['rope_fraction']:.0%} of each head's dims" if m.get("rope_fraction", 1.0) < 1.0 else "")),
+        ("Max sequence length", m.get("max_seq_len")),
+        ("Vocab size", m.get("vocab_size")),
+        ("Tied embeddings", "yes" if m.get("tie_embeddings") else "no"),
+    ]  # fmt: skip
+    rows.append(("Parametrization", parametrization_text(m)))
+    return rows
+
+
 def write_model_card(root: Path) -> Path:
     """Write root/MODEL_CARD.md from the release's files."""
     cfg = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else {}
@@ -76,14 +98,18 @@ def write_model_card(root: Path) -> Path:
         "| --- | --- |",
     ]
     lines += [f"| {item} | {_yes(ok, ev)} |" for item, ok, ev in transparency(root)]
-    if hf:
+    ours = (_read_json(ckpts[-1] / "llm360_model.json") or {}).get("model") if ckpts else None
+    if isinstance(ours, dict):  # the exact model config: what config.json cannot say (muP) included
+        rows = _architecture_rows(ours)
+    else:
+        rows = [(label, hf[key]) for key, label in (
+            ("hidden_size", "Hidden size"), ("intermediate_size", "Intermediate size (MLP)"),
+            ("num_attention_heads", "Attention heads"), ("num_hidden_layers", "Hidden layers"),
+            ("rms_norm_eps", "RMSNorm ε"), ("max_position_embeddings", "Max sequence length"),
+            ("vocab_size", "Vocab size")) if hf and key in hf]  # fmt: skip
+    if rows:
         lines += ["", "## Architecture", "", "| parameter | value |", "| --- | --- |"]
-        for key, label in (("hidden_size", "Hidden size"), ("intermediate_size", "Intermediate size (MLP)"),
-                           ("num_attention_heads", "Attention heads"), ("num_hidden_layers", "Hidden layers"),
-                           ("rms_norm_eps", "RMSNorm ε"), ("max_position_embeddings", "Max sequence length"),
-                           ("vocab_size", "Vocab size")):
-            if key in hf:
-                lines.append(f"| {label} | {hf[key]} |")
+        lines += [f"| {label} | {value} |" for label, value in rows]
         st = (root / ckpts[-1] / "model.safetensors") if ckpts else None
         if st is not None and st.is_file():
             from safetensors import safe_open

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from llm360.config import parametrization_text
 from llm360.report.collect import RunFacts
 from llm360.report.svg import (
     MAX_POINTS,
@@ -225,7 +226,8 @@ def config_section(facts: RunFacts) -> Section:
 # Amber (LLM360 paper, Table 3), for scale.
 _AMBER = {"hidden size": 4096, "intermediate size": 11008, "attention heads": 32, "key/value heads": 32,
           "layers": 32, "vocabulary": 32000, "sequence length": 2048, "normalization": "RMSNorm, eps 1e-06",
-          "RoPE": "θ 10000, all dims", "tied embeddings": "no", "parameters": "6.74B"}  # fmt: skip
+          "RoPE": "θ 10000, all dims", "tied embeddings": "no", "parametrization": "standard",
+          "parameters": "6.74B"}  # fmt: skip
 
 
 def architecture_section(facts: RunFacts) -> Section:
@@ -243,6 +245,7 @@ def architecture_section(facts: RunFacts) -> Section:
     else:
         norm = "—"
     frac = as_num(m.get("partial_rotary_factor"))
+    model = as_dict(_get(facts.config, "model")) if facts.config is not None else {}  # muP is not in config.json
     rope = f"θ {fmt_value(m.get('rope_theta'))}, " + ("all dims" if frac in (None, 1.0) else f"{frac:.0%} of dims")
     params = ck.parameters if ck is not None else None
     ours = {
@@ -251,6 +254,7 @@ def architecture_section(facts: RunFacts) -> Section:
         "key/value heads": m.get("num_key_value_heads", m.get("num_attention_heads")),
         "layers": m.get("num_hidden_layers"), "vocabulary": m.get("vocab_size"), "sequence length": seq,
         "normalization": norm, "RoPE": rope, "tied embeddings": "yes" if m.get("tie_word_embeddings") else "no",
+        "parametrization": parametrization_text(model) if model else "—",
         "parameters": f"{fmt_si(params)} ({params:,})" if params else "—",
     }  # fmt: skip
     rows = [(k, v if isinstance(v, str) else fmt_value(v), _AMBER[k]) for k, v in ours.items()]
