@@ -187,6 +187,16 @@ def test_rederive_reads_a_moved_corpus_given_with_source(tmp_path: Path, capsys)
     (moved / "sub" / "b.jsonl").write_text("\n".join(lines) + "\n")
     rep = verify(out, rederive_data=True, source_paths={"web": [str(moved)]})
     assert not rep.ok and any("data/documents/web.jsonl.gz differs" in p for p in rep.problems), rep.problems
+    assert not any("rebuild with the version" in p for p in rep.problems)  # same version: the source changed
+    manifest = out / "data" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["versions"]["llm360"] = "0.0.1"
+    manifest.unlink()  # a hard link into the run: write a file of its own
+    manifest.write_text(json.dumps(m))
+    from llm360.release.verify import rederive
+
+    problems = rederive(out, {"web": [str(moved)]})
+    assert any("prepared by llm360 0.0.1 and rebuilt by llm360" in p for p in problems), problems
 
     capsys.readouterr()
     assert cli_main(["verify", str(out), "--rederive", "--source", "news=/x"]) == 2

@@ -5,4 +5,4 @@ order, one complete checkpoint per chunk, metrics, evaluations and analyses, so 
 released and verified by replay.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

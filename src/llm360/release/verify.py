@@ -279,6 +279,19 @@ def rederive(root: Path, source_paths: Mapping[str, Sequence[str]] | None = None
             compared += 1
         if not problems:
             logger.info("rederived %d data files: all identical", compared)
+        else:
+            from llm360 import __version__
+
+            try:
+                made_by = json.loads((old / "manifest.json").read_text())["versions"]["llm360"]
+            except (OSError, ValueError, KeyError, TypeError):
+                made_by = None
+            if made_by != __version__:  # a difference may come from the preparation, not the sources
+                problems.append(
+                    f"rederive: the data was prepared by llm360 {made_by or '(version not recorded)'} and rebuilt "
+                    f"by llm360 {__version__}; rebuild with the version that prepared it to tell a changed "
+                    "source from a changed preparation"
+                )
         return problems
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
