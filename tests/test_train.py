@@ -311,6 +311,12 @@ def test_init_from_checkpoint_on_other_data(tmp_path: Path, prepared):
     assert_same_weights(src, init)
     ev = read_jsonl(tmp_path / "branch" / "metrics" / "events.jsonl")
     assert ev[0]["event"] == "init_from" and ev[0]["optimizer"] == "reset"
+    # a muP branch groups the optimizer's parameters differently: its state cannot be kept, and it says so
+    raw2["model"]["mup"] = {"base_width": 16}
+    prepare(validate_config(raw2), tmp_path / "mup-branch")
+    with pytest.raises(CheckpointError, match=r"param group .* no saved group.*add --reset-optimizer"):
+        train(validate_config(raw2), tmp_path / "mup-branch", init_from=src)
+    assert train(validate_config(raw2), tmp_path / "mup-branch", init_from=src, reset_optimizer=True)["done"]
 
 
 def test_tensorboard_sink_and_missing_wandb_is_a_clear_error(tmp_path: Path):

@@ -313,7 +313,8 @@ class Trainer:
         try:
             ckpt.load_checkpoint(src, self.model, opt)
         except CheckpointError as e:
-            raise CheckpointError(f"cannot initialise from {src}: {e}") from None
+            hint = "" if opt is None else " (to keep only its weights, add --reset-optimizer)"
+            raise CheckpointError(f"cannot initialise from {src}: {e}{hint}") from None
         self.state.init_from = {
             "checkpoint": str(src.resolve()),
             "marker_sha256": sha256_file(src / ckpt.MARKER),
