@@ -274,7 +274,13 @@ def cmd_config_fields(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from llm360.pipeline import run_all
 
-    run_all(_load_config(args), Path(args.run_dir), workers=args.workers)
+    done = run_all(_load_config(args), Path(args.run_dir), workers=args.workers)
+    table = Table(title=f"llm360 run: {args.run_dir}")
+    table.add_column("stage")
+    table.add_column("result")
+    for stage, result in done.items():
+        table.add_row(stage, escape(result))
+    console.print(table)
     return 0
 
 
