@@ -149,6 +149,7 @@ def test_rederive_rebuilds_identical_data_from_snapshots(tmp_path: Path):
     train(cfg, tmp_path / "run")
     out = release(tmp_path / "run", tmp_path / "rel")
     a.unlink()  # the raw files are gone: the snapshot in the release is enough
+    assert "- `a`: in this release, `data/sources/a.jsonl.gz`" in (out / "MODEL_CARD.md").read_text()
     rep = verify(out, rederive_data=True)
     assert rep.ok, rep.problems
     assert any("rederived" in p for p in rep.passed)
@@ -172,6 +173,8 @@ def test_rederive_reads_a_moved_corpus_given_with_source(tmp_path: Path, capsys)
     train(cfg, tmp_path / "run")
     out = release(tmp_path / "run", tmp_path / "rel")
     assert not (out / "data" / "sources").exists()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "- `web`: not in this release (jsonl files); with a copy of them, add `--source web=PATH`" in card
     moved = tmp_path / "downloads" / "web-corpus"
     moved.parent.mkdir()
     corpus.rename(moved)

@@ -80,6 +80,26 @@ def _architecture_rows(m: dict) -> list[tuple[str, object]]:
     return rows
 
 
+def _raw_sources_lines(root: Path, cfg: dict) -> list[str]:
+    """Where each source's raw documents are, and how to rebuild the data from them."""
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    sources = [s for s in (data.get("sources") or []) if isinstance(s, dict)] if isinstance(data, dict) else []
+    if not sources:
+        return []
+    lines = ["", "Raw documents (`llm360 verify . --rederive` rebuilds every data file from them and compares):", ""]
+    for src in sources:
+        name = src.get("name")
+        if (root / "data" / "sources" / f"{name}.jsonl.gz").is_file():
+            lines.append(f"- `{name}`: in this release, `data/sources/{name}.jsonl.gz`")
+        elif src.get("kind") == "embedded":
+            lines.append(f"- `{name}`: llm360's embedded corpus ({src.get('embedded')}), not snapshotted: it is "
+                         "read from the Python installation, so it cannot be rebuilt from this release")
+        else:
+            lines.append(f"- `{name}`: not in this release ({src.get('kind')} files); with a copy of them, add "
+                         f"`--source {name}=PATH`")
+    return lines
+
+
 def write_model_card(root: Path) -> Path:
     """Write root/MODEL_CARD.md from the release's files."""
     cfg = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else {}
@@ -133,6 +153,7 @@ def write_model_card(root: Path) -> Path:
         lines += ["", f"{manifest.get('num_chunks')} chunks of {manifest.get('seq_len')}-token sequences "
                   f"(+1 target token per row), dtype {manifest.get('token_dtype')}, vocabulary "
                   f"{manifest.get('vocab_size')}, data seed {manifest.get('seed')}."]
+        lines += _raw_sources_lines(root, cfg)
     summary = _read_json(root / "eval" / "summary.json")
     if summary and summary.get("rows"):
         cols = [c for c in summary.get("columns", []) if "/" in c][:6]
