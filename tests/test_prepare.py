@@ -53,6 +53,9 @@ def test_a_moved_corpus_prepares_to_the_same_data(tmp_path: Path):
     prepare(validate_config(raw), tmp_path / "b")
     ha, hb = (tree_hashes(tmp_path / r / "data") for r in "ab")
     assert ha.pop("manifest.json") != hb.pop("manifest.json")  # it records the source paths
+    for run, base in (("a", tmp_path / "here" / "src"), ("b", tmp_path / "there" / "corpus")):
+        web = DataStore(tmp_path / run / "data").manifest["sources"]["web"]
+        assert web["doc_id_base"] == str(base)  # an id's file is doc_id_base / the id's path part
     assert ha == hb and any(k.startswith("chunk_") for k in ha)
 
 

@@ -110,6 +110,7 @@ def token_dtype(cfg: DataConfig, vocab_size: int) -> np.dtype:
 class SourceStats:
     kind: str
     files: list[str] = field(default_factory=list)
+    doc_id_base: str | None = None
     documents_in: int = 0
     documents_train: int = 0
     documents_valid: int = 0
@@ -128,6 +129,7 @@ class SourceStats:
         return {
             "kind": self.kind,
             "files": self.files,
+            "doc_id_base": self.doc_id_base,
             "documents_in": self.documents_in,
             "documents_used": used,
             "documents_used_train": self.documents_train - self.documents_not_selected,
@@ -420,12 +422,13 @@ class Preparer:
         out: Path,
         work: Path,
     ) -> _SourceData:
-        from llm360.data.sources import list_source_files
+        from llm360.data.sources import doc_id_base, list_source_files
 
         stats = SourceStats(kind=src.kind)
         self.stats[src.name] = stats
         if src.kind != "embedded":
             stats.files = [str(p) for p in list_source_files(src)]
+            stats.doc_id_base = str(doc_id_base(src))
         sd = _SourceData(
             cfg=src,
             table=table,

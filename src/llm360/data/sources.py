@@ -145,18 +145,10 @@ def _chain(iterators: Iterator[Iterator[SourceItem]]) -> Iterator[SourceItem]:
         yield from it
 
 
-def doc_id_prefixes(src: SourceConfig, entries: list[Path]) -> list[str]:
-    """The document-id prefix of each of a source's files (``entries``, from :func:`_expand_paths`).
-
-    It is the file's path relative to the deepest folder that holds every folder named by
-    ``src.paths``: a folder named is that folder, a glob its fixed leading folders, a file (or a
-    saved dataset) the folder it lies in. So ids, and with them the validation split and every
-    mixing draw, stay the same when the corpus is moved, named by an absolute path or read from
-    another working directory, and when files are added to a folder; distinct files keep distinct
-    prefixes.
-    """
-    if not entries:
-        return []
+def doc_id_base(src: SourceConfig) -> Path:
+    """The folder a source's document ids are relative to: the deepest one holding every folder named
+    by ``src.paths`` (a folder named is that folder, a glob its fixed leading folders, a file or a saved
+    dataset the folder it lies in), as an absolute path."""
     anchors = []
     for given in src.paths:
         path = Path(os.path.expanduser(given))
@@ -166,7 +158,20 @@ def doc_id_prefixes(src: SourceConfig, entries: list[Path]) -> list[str]:
         else:  # a glob: the folders before its first wildcard
             fixed = itertools.takewhile(lambda part: not _GLOB_CHARS.intersection(part), path.parts)
             anchors.append(Path(*fixed))
-    base = os.path.commonpath([os.path.abspath(a) for a in anchors])
+    return Path(os.path.commonpath([os.path.abspath(a) for a in anchors]))
+
+
+def doc_id_prefixes(src: SourceConfig, entries: list[Path]) -> list[str]:
+    """The document-id prefix of each of a source's files (``entries``, from :func:`_expand_paths`): its
+    path relative to :func:`doc_id_base`.
+
+    So ids, and with them the validation split and every mixing draw, stay the same when the corpus
+    is moved, named by an absolute path or read from another working directory, and when files are
+    added to a folder; distinct files keep distinct prefixes.
+    """
+    if not entries:
+        return []
+    base = doc_id_base(src)
     return [Path(os.path.relpath(os.path.abspath(p), base)).as_posix() for p in entries]
 
 
