@@ -61,10 +61,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     if isinstance(mcfg, ModelConfig) and mcfg.mup is not None:
         names = {id(p): n for n, p in model.named_parameters()}
         scale = {id(p): lr_multiplier(mcfg, names[id(p)], p) for p in decay}
-        scaled = [p for p in decay if scale[id(p)] != 1.0]
+        for factor in sorted({f for f in scale.values() if f != 1.0}):
+            groups.append({"params": [p for p in decay if scale[id(p)] == factor],
+                           "weight_decay": cfg.weight_decay, "lr_scale": factor})  # fmt: skip
         decay = [p for p in decay if scale[id(p)] == 1.0]
-        if scaled:
-            groups.append({"params": scaled, "weight_decay": cfg.weight_decay, "lr_scale": scale[id(scaled[0])]})
     groups += [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
