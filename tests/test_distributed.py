@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,13 +21,42 @@ from llm360.train.loop import INJECT_ENV, train
 from test_train import assert_same_weights, read_jsonl, tiny_run_config
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun's workers run in sessions of their own, so
+    killing its process group leaves them training)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def torchrun(nproc: int, cfg_path: Path, run: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "llm360.cli", "--no-progress", "train", str(cfg_path), "--run-dir", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # timed out (or interrupted): no worker may outlive the test
+            kill_tree(proc.pid)
+            proc.communicate()
+    assert proc.returncode == 0, err[-4000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.slow
@@ -138,8 +168,7 @@ def test_fsdp_rollback_restores_sharded_state_in_place(
         opt1 = load_file(str(ck / "ckpt_001" / "optimizer.safetensors"))
         assert opt0.keys() == opt1.keys() and all(torch.equal(opt0[k], opt1[k]) for k in opt0)
         # the abandoned attempt's step checkpoints (inside chunk 1) are gone, their sharded copies with
-        # them; chunk 1's steps run between ckpt_000's and ckpt_001's (the data, hence the chunk
-        # boundaries, shift a little with the test's folder: source paths are part of document ids)
+        # them; chunk 1's steps run between ckpt_000's and ckpt_001's
         lo, hi = (json.loads((ck / c / "trainer_state.json").read_text())["step"] for c in ("ckpt_000", "ckpt_001"))
         assert lo < 24 < hi
         assert not [p for p in (ck / "steps").glob("step_*") if lo < int(p.name.split("_")[1]) < hi]
@@ -152,6 +181,44 @@ def test_fsdp_rollback_restores_sharded_state_in_place(
         load_file(str(ck / "ckpt_002" / "model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Path):
+    """Two FSDP ranks killed (the whole torchrun group, SIGKILL) while training and saving, then
+    restarted: the final checkpoint equals an uninterrupted two-rank run's, bit for bit."""
+    cfg = tiny_run_config(tmp_path, parallelism="fsdp", checkpoint_every_steps=5, deterministic=True)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    for run in ("ref", "killed"):
+        prepare(cfg, tmp_path / run)
+    torchrun(2, cfg_path, tmp_path / "ref")
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "llm360.cli", "--no-progress", "train", str(cfg_path), "--run-dir", str(run)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills = 0
+    for wait_for in ("steps/step_00000005", "ckpt_000", "ckpt_001"):  # kill soon after each appears
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while not (run / "checkpoints" / wait_for / "COMPLETE.json").exists() and proc.poll() is None:
+                assert time.monotonic() < deadline, f"{wait_for} never appeared"
+                time.sleep(0.05)
+            time.sleep(0.3)  # into the sharded copy's write or the next steps
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)  # the agent and both workers, as a preempted node
+                kills += 1
+            proc.wait(timeout=30)
+    assert kills >= 2
+    torchrun(2, cfg_path, run)  # finishes the run from the latest complete checkpoint
+    for i in range(3):
+        assert_same_weights(tmp_path / "ref" / "checkpoints" / f"ckpt_{i:03d}", run / "checkpoints" / f"ckpt_{i:03d}")
+    resumes = [e for e in read_jsonl(run / "metrics" / "events.jsonl") if e["event"] == "resume"]
+    assert len(resumes) >= kills and all(e["world_size"] == 2 for e in resumes)
 
 
 def _agreement_worker(rank: int, world: int, init_file: str, out: str) -> None:

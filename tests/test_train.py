@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import small_config
 from llm360.config import validate_config
 from llm360.data.prepare import prepare
-from llm360.errors import CheckpointError, ConfigError, DataError
+from llm360.errors import CheckpointError, ConfigError, DataError, RunDirError
 from llm360.train import checkpoint as ckpt
 from llm360.train.loop import INJECT_ENV, TrainingStopped, train
 
@@ -276,6 +276,22 @@ def test_bad_inputs_are_clear(tmp_path: Path, prepared):
     raw["train"]["max_chunks"] = None
     with pytest.raises(CheckpointError, match="belongs to another run"):
         train(validate_config(raw), run)
+
+
+def test_one_training_per_run_directory(prepared):
+    from llm360.train.loop import TRAIN_LOCK
+    from llm360.utils import hold_lock
+
+    cfg, run = prepared
+    held = hold_lock(run / TRAIN_LOCK, "being trained")  # as another `llm360 train` would
+    try:
+        with pytest.raises(RunDirError, match=rf"already being trained by pid {os.getpid()} on .*wait for it"):
+            train(cfg, run)
+        assert not (run / "checkpoints").exists() and not (run / "metrics").exists()  # nothing written
+    finally:
+        held.close()
+    assert train(cfg, run)["done"]  # released: it trains, and lets go again when done
+    hold_lock(run / TRAIN_LOCK, "being trained").close()
 
 
 def test_corrupt_latest_checkpoint_is_never_loaded(prepared):

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _BUF = 1 << 20
 _SAME_CHECK_MAX = 16 << 20  # files up to this size are compared before being rewritten
@@ -78,3 +78,39 @@ def read_json(path: Path) -> Any:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def hold_lock(path: Path, what: str) -> IO[str]:
+    """Take an exclusive lock on ``path`` for as long as the returned file stays open.
+
+    ``flock``: the kernel releases it when the file is closed or the process dies, SIGKILL included,
+    so a lock is never stale. The file says who holds it. Raises RunDirError when another process
+    holds it; where the file system has no flock (some network mounts), goes on unlocked with a
+    warning.
+    """
+    import fcntl
+    import logging
+    import socket
+    import time
+
+    from llm360.errors import RunDirError
+
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until the caller closes it
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirError(
+            f"{path.parent} is already {what} by {holder} ({path} is locked); wait for it to finish or stop "
+            "it: one run directory takes one training at a time"
+        ) from None
+    except OSError as e:
+        logging.getLogger(__name__).warning("%s: cannot lock (%s); two processes could write here at once", path, e)
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    f.flush()
+    return f

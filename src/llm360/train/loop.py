@@ -56,7 +56,7 @@ from llm360.train.distributed import (
 )
 from llm360.train.metrics import MetricsLogger, truncate_jsonl_from_step
 from llm360.train.optim import build_optimizer, lr_at, set_lr
-from llm360.utils import sha256_file
+from llm360.utils import hold_lock, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ _NON_NUMERIC_TRAIN_FIELDS = {
     "log_every", "tensorboard", "wandb", "wandb_project", "max_chunks", "checkpoint_every_steps",
     "compile", "activation_checkpointing", "micro_batch_sequences", "guards",
 }
+TRAIN_LOCK = ".train.lock"
+"""Held (flock) by the process training a run directory, with who it is; released when it exits."""
 INJECT_ENV = "LLM360_INJECT_AT_STEPS"
 """Test hook to exercise the guards: comma-separated global steps whose loss and gradients are made NaN
 (``7``) or multiplied by a factor (``7:x20``, a loss spike), once each."""
@@ -190,6 +192,8 @@ class Trainer:
         # raised on every rank (`together`), and ranks that see different checkpoints stop, rather
         # than wait for each other in a collective or train from different states.
         with together(self.info):
+            if self.info.is_main and self.rd.root.is_dir():  # one training per run directory
+                self._lock = hold_lock(self.rd.root / TRAIN_LOCK, "being trained")
             # names and sizes here; load_checkpoint hashes every file as it reads it
             latest = ckpt.latest_complete_checkpoint(self.rd.checkpoints, verify=False)
             saved = None
@@ -613,6 +617,9 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()  # releases the run directory
+            self._lock = None
 
 
 def train(
