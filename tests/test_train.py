@@ -278,20 +278,24 @@ def test_bad_inputs_are_clear(tmp_path: Path, prepared):
         train(validate_config(raw), run)
 
 
-def test_one_training_per_run_directory(prepared):
-    from llm360.train.loop import TRAIN_LOCK
+def test_one_writer_per_run_directory(prepared):
+    from llm360.paths import RunDir
     from llm360.utils import hold_lock
 
     cfg, run = prepared
-    held = hold_lock(run / TRAIN_LOCK, "being trained")  # as another `llm360 train` would
+    held = hold_lock(RunDir(run).lock, "being trained")  # as another `llm360 train` would
     try:
         with pytest.raises(RunDirError, match=rf"already being trained by pid {os.getpid()} on .*wait for it"):
             train(cfg, run)
         assert not (run / "checkpoints").exists() and not (run / "metrics").exists()  # nothing written
+        with pytest.raises(RunDirError, match="already being trained by pid"):
+            prepare(cfg, run, force=True)  # would rebuild the data under the trainer
     finally:
         held.close()
     assert train(cfg, run)["done"]  # released: it trains, and lets go again when done
-    hold_lock(run / TRAIN_LOCK, "being trained").close()
+    held = hold_lock(RunDir(run).lock, "being prepared")
+    held.close()
+    assert "being prepared by pid" in RunDir(run).lock.read_text()
 
 
 def test_corrupt_latest_checkpoint_is_never_loaded(prepared):

@@ -16,6 +16,11 @@ def index_name(i: int) -> str:
     return f"{i:03d}"
 
 
+RUN_LOCK = ".run.lock"
+"""Held (flock) by the process preparing or training a run directory, with who it is; released when it
+exits (:func:`llm360.utils.hold_lock`)."""
+
+
 class RunDir:
     """The layout of one run directory (see DESIGN.md)."""
 
@@ -25,6 +30,10 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / RUN_LOCK
 
     @property
     def data(self) -> Path:

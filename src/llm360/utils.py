@@ -80,13 +80,13 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def hold_lock(path: Path, what: str) -> IO[str]:
+def hold_lock(path: Path, doing: str) -> IO[str]:
     """Take an exclusive lock on ``path`` for as long as the returned file stays open.
 
     ``flock``: the kernel releases it when the file is closed or the process dies, SIGKILL included,
-    so a lock is never stale. The file says who holds it. Raises RunDirError when another process
-    holds it; where the file system has no flock (some network mounts), goes on unlocked with a
-    warning.
+    so a lock is never stale. The file says who holds it and for what (``doing``, e.g. "being
+    trained"). Raises RunDirError when another process holds it; where the file system has no flock
+    (some network mounts), goes on unlocked with a warning.
     """
     import fcntl
     import logging
@@ -100,17 +100,17 @@ def hold_lock(path: Path, what: str) -> IO[str]:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = f.read().strip() or "in use by another process"
         f.close()
         raise RunDirError(
-            f"{path.parent} is already {what} by {holder} ({path} is locked); wait for it to finish or stop "
-            "it: one run directory takes one training at a time"
+            f"{path.parent} is already {holder} ({path} is locked); wait for it to finish or stop it: "
+            "a run directory is prepared or trained by one process at a time"
         ) from None
     except OSError as e:
         logging.getLogger(__name__).warning("%s: cannot lock (%s); two processes could write here at once", path, e)
         return f
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    f.write(f"{doing} by pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
     f.flush()
     return f

@@ -53,7 +53,7 @@ from llm360.data.tokenizer import (
 from llm360.errors import DataError, RunDirError
 from llm360.log import progress
 from llm360.paths import RunDir, chunk_file, index_name, provenance_file
-from llm360.utils import fsync_dir, read_json, sha256_file, write_json
+from llm360.utils import fsync_dir, hold_lock, read_json, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -909,6 +909,16 @@ def prepare(cfg: RunConfig, run_dir: str | Path, *, workers: int = 1, force: boo
     """
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(rd.lock, "being prepared")  # a concurrent prepare or train would clash here
+    try:
+        return _prepare_locked(cfg, rd, workers=workers, force=force)
+    finally:
+        lock.close()
+
+
+def _prepare_locked(cfg: RunConfig, rd: RunDir, *, workers: int, force: bool) -> PrepareResult:
+    run_dir = rd.root
     status = data_status(run_dir, cfg)
     if status == "complete":
         logger.info("data in %s is complete for this config (hash %s): nothing to do",

@@ -65,8 +65,6 @@ _NON_NUMERIC_TRAIN_FIELDS = {
     "log_every", "tensorboard", "wandb", "wandb_project", "max_chunks", "checkpoint_every_steps",
     "compile", "activation_checkpointing", "micro_batch_sequences", "guards",
 }
-TRAIN_LOCK = ".train.lock"
-"""Held (flock) by the process training a run directory, with who it is; released when it exits."""
 INJECT_ENV = "LLM360_INJECT_AT_STEPS"
 """Test hook to exercise the guards: comma-separated global steps whose loss and gradients are made NaN
 (``7``) or multiplied by a factor (``7:x20``, a loss spike), once each."""
@@ -193,7 +191,7 @@ class Trainer:
         # than wait for each other in a collective or train from different states.
         with together(self.info):
             if self.info.is_main and self.rd.root.is_dir():  # one training per run directory
-                self._lock = hold_lock(self.rd.root / TRAIN_LOCK, "being trained")
+                self._lock = hold_lock(self.rd.lock, "being trained")
             # names and sizes here; load_checkpoint hashes every file as it reads it
             latest = ckpt.latest_complete_checkpoint(self.rd.checkpoints, verify=False)
             saved = None
