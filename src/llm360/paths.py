@@ -61,6 +61,10 @@ class RunDir:
     def provenance(self, i: int) -> Path:
         return self.data / provenance_file(i)
 
+    def source_snapshot(self, source: str) -> Path:
+        """The raw documents of a source with ``snapshot: true`` (a run's or a release's)."""
+        return self.data / "sources" / f"{source}.jsonl.gz"
+
     def ckpt_dir(self, i: int) -> Path:
         return self.checkpoints / f"ckpt_{index_name(i)}"
 

@@ -309,10 +309,13 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg)
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (times muP's embedding multiplier)."""
+        x = self.embed_tokens(ids)
+        return x * self.cfg.mup.embedding_multiplier if self.cfg.mup is not None else x
+
     def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x_BTD = self.embed_tokens(input_ids_BT)
-        if self.cfg.mup is not None:
-            x_BTD = x_BTD * self.cfg.mup.embedding_multiplier
+        x_BTD = self.embed(input_ids_BT)
         start = cache.length if cache is not None else 0
         positions_T = torch.arange(start, start + input_ids_BT.shape[1], device=input_ids_BT.device)
         rope = rope_cos_sin(self.cfg, positions_T)
@@ -532,9 +535,7 @@ def decode_step(
     """
     cfg, dec = model.cfg, model.model
     n = tok_n.shape[0]
-    x_n1D = dec.embed_tokens(tok_n)[:, None, :]
-    if cfg.mup is not None:
-        x_n1D = x_n1D * cfg.mup.embedding_multiplier
+    x_n1D = dec.embed(tok_n)[:, None, :]
     # rope_cos_sin takes a 1-D position vector: here one position per row, (n, R/2). apply_rope
     # broadcasts it over a (1, n, H, E) view, i.e. the rows stand where the time axis usually is.
     rope = rope_cos_sin(cfg, pos_n)

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from llm360.config import parametrization_text
+from llm360.paths import RunDir
 
 
 def _read_json(path: Path) -> Any:
@@ -64,7 +65,7 @@ def _architecture_rows(m: dict) -> list[tuple[str, object]]:
     """(label, value) rows of the card's architecture table from an llm360 ModelConfig dict."""
     heads, kv = m.get("num_heads"), m.get("num_kv_heads")
     norm = "LayerNorm" if m.get("norm") == "layernorm" else "RMSNorm"
-    rows: list[tuple[str, object]] = [
+    return [
         ("Hidden size", m.get("hidden_size")),
         ("Intermediate size (MLP)", m.get("intermediate_size")),
         ("Attention heads", heads if not kv or kv == heads else f"{heads} ({kv} key/value heads)"),
@@ -75,9 +76,8 @@ def _architecture_rows(m: dict) -> list[tuple[str, object]]:
         ("Max sequence length", m.get("max_seq_len")),
         ("Vocab size", m.get("vocab_size")),
         ("Tied embeddings", "yes" if m.get("tie_embeddings") else "no"),
+        ("Parametrization", parametrization_text(m)),
     ]  # fmt: skip
-    rows.append(("Parametrization", parametrization_text(m)))
-    return rows
 
 
 def _raw_sources_lines(root: Path, cfg: dict) -> list[str]:
@@ -89,7 +89,7 @@ def _raw_sources_lines(root: Path, cfg: dict) -> list[str]:
     lines = ["", "Raw documents (`llm360 verify . --rederive` rebuilds every data file from them and compares):", ""]
     for src in sources:
         name = src.get("name")
-        if (root / "data" / "sources" / f"{name}.jsonl.gz").is_file():
+        if RunDir(root).source_snapshot(name).is_file():
             lines.append(f"- `{name}`: in this release, `data/sources/{name}.jsonl.gz`")
         elif src.get("kind") == "embedded":
             lines.append(f"- `{name}`: llm360's embedded corpus ({src.get('embedded')}), not snapshotted: it is "

@@ -30,7 +30,7 @@ import torch
 from llm360.config import load_config
 from llm360.errors import CheckpointError, Llm360Error
 from llm360.log import progress
-from llm360.paths import index_name
+from llm360.paths import RunDir, index_name
 from llm360.release.build import SUMS, ReleaseError, read_sums
 from llm360.utils import sha256_file
 
@@ -243,7 +243,7 @@ def rederive(root: Path, source_paths: Mapping[str, Sequence[str]] | None = None
         raise ReleaseError(f"--source {', '.join(unknown)}: the release's config has no such source (its "
                            f"sources: {', '.join(names)})")
     for src in raw["data"]["sources"]:
-        snap = root / "data" / "sources" / f"{src['name']}.jsonl.gz"
+        snap = RunDir(root).source_snapshot(src["name"])
         if src["name"] in source_paths:
             if src["kind"] in ("embedded", "snapshot"):
                 raise ReleaseError(f"--source {src['name']}: a {src['kind']} source has no raw files to point at")

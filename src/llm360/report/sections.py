@@ -245,7 +245,7 @@ def architecture_section(facts: RunFacts) -> Section:
     else:
         norm = "—"
     frac = as_num(m.get("partial_rotary_factor"))
-    model = as_dict(_get(facts.config, "model")) if facts.config is not None else {}  # muP is not in config.json
+    model = as_dict(_get(facts.config, "model"))  # muP is not in config.json
     rope = f"θ {fmt_value(m.get('rope_theta'))}, " + ("all dims" if frac in (None, 1.0) else f"{frac:.0%} of dims")
     params = ck.parameters if ck is not None else None
     ours = {

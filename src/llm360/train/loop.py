@@ -23,7 +23,7 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -171,6 +171,7 @@ class Trainer:
         self._injected: set[int] = set()
         self.replay_skip_steps: set[int] = set()
         self.sharded_resume = False
+        self._lock: IO[str] | None = None  # the run directory's lock, held by rank 0 while training
         """Steps to skip as the original run's guards did (set by `llm360 verify --replay`)."""
         inject = os.environ.get(INJECT_ENV, "")
         self._inject_steps = parse_injections(inject)
@@ -244,9 +245,8 @@ class Trainer:
             self.state.data_dir = str(data_dir.resolve())
 
         if latest is not None:
-            dcp_dir = self.rd.checkpoints / "dcp" / latest.name
-            self.sharded_resume = (
-                tcfg.parallelism == "fsdp" and self.info.enabled and sharded_copy_step(dcp_dir) == saved.step
+            self.sharded_resume = tcfg.parallelism == "fsdp" and self.info.enabled and self._has_sharded_copy(
+                latest.name, saved.step
             )
             same_on_every_rank(self.sharded_resume, f"sharded copy checkpoints/dcp/{latest.name}", self.info)
         with together(self.info):  # no collective inside
@@ -282,7 +282,7 @@ class Trainer:
         if named_opt is not None:  # FSDP2 replaced the parameters by shards: a new optimizer over them
             self.optimizer = build_optimizer(self.model, tcfg)
             if self.sharded_resume:
-                load_sharded(self.model, self.optimizer, self.rd.checkpoints / "dcp" / latest.name)
+                load_sharded(self.model, self.optimizer, self._dcp_dir(latest.name))
             else:
                 load_full_optimizer_state(self.model, self.optimizer, named_opt)
         if tcfg.compile:
@@ -366,9 +366,16 @@ class Trainer:
                 )
                 logger.info("saved %s (%.1fs)", target.relative_to(self.rd.root), time.perf_counter() - t0)
         if is_sharded(self.model) and self.optimizer.state:
-            save_sharded(self.model, self.optimizer, self.rd.checkpoints / "dcp" / target.name, self.state.step,
-                         self.info)
+            save_sharded(self.model, self.optimizer, self._dcp_dir(target.name), self.state.step, self.info)
         return target
+
+    def _dcp_dir(self, name: str) -> Path:
+        """checkpoints/dcp/<name>: the sharded copy of checkpoint <name> (FSDP runs)."""
+        return self.rd.checkpoints / "dcp" / name
+
+    def _has_sharded_copy(self, name: str, step: int) -> bool:
+        """Whether a complete sharded copy of checkpoint <name>, taken at ``step``, exists."""
+        return sharded_copy_step(self._dcp_dir(name)) == step
 
     def _cursor(self) -> dict:
         if self.state.step >= self.total_steps:
@@ -428,15 +435,14 @@ class Trainer:
             with together(self.info):
                 res = ckpt.load_checkpoint(target, self.model, self.optimizer)
             return res, False
-        dcp_dir = self.rd.checkpoints / "dcp" / target.name
         # every rank must take the same path (rank 0's): the loads below are collectives
         with together(self.info):
-            has_copy = sharded_copy_step(dcp_dir) == int(read_trainer_state(target).get("step", -1))
+            has_copy = self._has_sharded_copy(target.name, int(read_trainer_state(target).get("step", -1)))
         from_copy = broadcast_object(has_copy, self.info)
         if from_copy:  # verified, then each rank reads its own shards: no full-size copy anywhere
             with together(self.info):
                 res = ckpt.load_training_state(target)
-            load_sharded(self.model, self.optimizer, dcp_dir)
+            load_sharded(self.model, self.optimizer, self._dcp_dir(target.name))
         else:
             with torch.device("meta"):  # no initialisation: every value is overwritten by the load
                 full = Llama(self.mcfg)
@@ -615,7 +621,7 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
-        if getattr(self, "_lock", None) is not None:
+        if self._lock is not None:
             self._lock.close()  # releases the run directory
             self._lock = None
 
