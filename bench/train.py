@@ -98,7 +98,8 @@ def run_pair(a: argparse.Namespace, cfg: ModelConfig, dtype: str) -> dict[str, f
     seq = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1))
     x, y = seq[:, :-1].to(a.device), seq[:, 1:].contiguous().to(a.device)
     tcfg = TrainConfig(lr=3e-4, beta1=0.9, beta2=0.95, weight_decay=0.1)
-    hf_opt = torch.optim.AdamW(theirs.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    hf_opt = torch.optim.AdamW(theirs.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                               weight_decay=tcfg.weight_decay, fused=True)  # fmt: skip
     steps = {
         "llm360": make_step(build_optimizer(ours, tcfg), lambda: ours(x, y)[1], a.device, dtype),
         "transformers": make_step(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,12 +44,16 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def torchrun(nproc: int, cfg_path: Path, run: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+def start_torchrun(nproc: int, cfg_path: Path, run: Path, **popen: Any) -> subprocess.Popen:
+    """`llm360 train` under torchrun on gloo, one thread per rank, in a session of its own."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "llm360.cli", "--no-progress", "train", str(cfg_path), "--run-dir", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
+
+
+def torchrun(nproc: int, cfg_path: Path, run: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = start_torchrun(nproc, cfg_path, run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -56,7 +61,7 @@ def torchrun(nproc: int, cfg_path: Path, run: Path, timeout: int = 240) -> subpr
             kill_tree(proc.pid)
             proc.communicate()
     assert proc.returncode == 0, err[-4000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.slow
@@ -195,13 +200,9 @@ def test_fsdp_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Path):
     torchrun(2, cfg_path, tmp_path / "ref")
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "llm360.cli", "--no-progress", "train", str(cfg_path), "--run-dir", str(run)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     kills = 0
     for wait_for in ("steps/step_00000005", "ckpt_000", "ckpt_001"):  # kill soon after each appears
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # fmt: skip
+        proc = start_torchrun(2, cfg_path, run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 180
             while not (run / "checkpoints" / wait_for / "COMPLETE.json").exists() and proc.poll() is None:

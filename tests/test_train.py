@@ -169,7 +169,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise(tmp_path: Path):
         assert_same_weights(tmp_path / "ref" / "checkpoints" / f"ckpt_{i:03d}", run / "checkpoints" / f"ckpt_{i:03d}")
 
 
-def _train_with_nan(cfg, run, steps: str):
+def _train_injected(cfg, run, steps: str):
     os.environ[INJECT_ENV] = steps
     try:
         return train(cfg, run)
@@ -180,7 +180,7 @@ def _train_with_nan(cfg, run, steps: str):
 def test_nan_skip_step_is_recorded(tmp_path: Path):
     cfg = tiny_run_config(tmp_path, guards={"nonfinite_policy": "skip_step"})
     prepare(cfg, tmp_path / "run")
-    s = _train_with_nan(cfg, tmp_path / "run", "4")
+    s = _train_injected(cfg, tmp_path / "run", "4")
     assert s["done"] and s["skipped_steps"] == [4]
     ev = read_jsonl(tmp_path / "run" / "metrics" / "events.jsonl")
     assert [e["event"] for e in ev if e["event"] == "skip_step"] == ["skip_step"]
@@ -193,7 +193,7 @@ def test_nan_rollback_skip_chunk(tmp_path: Path):
     from llm360.data.store import DataStore
 
     spc = DataStore(tmp_path / "run" / "data").step_index(8).steps_per_chunk
-    s = _train_with_nan(cfg, tmp_path / "run", str(spc[0] + 2))  # inside chunk 1
+    s = _train_injected(cfg, tmp_path / "run", str(spc[0] + 2))  # inside chunk 1
     assert s["done"] and s["skipped_chunks"] == [1]
     ck = tmp_path / "run" / "checkpoints"
     assert_same_weights(ck / "ckpt_000", ck / "ckpt_001")
@@ -204,7 +204,7 @@ def test_nan_rollback_skip_chunk(tmp_path: Path):
 def test_nan_rollback_reseed_then_stop_policy(tmp_path: Path):
     cfg = tiny_run_config(tmp_path, guards={"nonfinite_policy": "rollback_reseed"})
     prepare(cfg, tmp_path / "run")
-    s = _train_with_nan(cfg, tmp_path / "run", "2")
+    s = _train_injected(cfg, tmp_path / "run", "2")
     assert s["done"] and s["rollbacks"] == 1
     state = json.loads((tmp_path / "run" / "checkpoints" / "ckpt_002" / "trainer_state.json").read_text())
     assert state["chunk_reseeds"] == {"0": 1}
@@ -212,7 +212,7 @@ def test_nan_rollback_reseed_then_stop_policy(tmp_path: Path):
     cfg2 = tiny_run_config(tmp_path, guards={"nonfinite_policy": "stop"})
     prepare(cfg2, tmp_path / "run2")
     with pytest.raises(TrainingStopped, match="non-finite loss at step 5"):
-        _train_with_nan(cfg2, tmp_path / "run2", "5")
+        _train_injected(cfg2, tmp_path / "run2", "5")
     ev = read_jsonl(tmp_path / "run2" / "metrics" / "events.jsonl")
     assert ev[-1]["event"] == "stop"
 
@@ -226,7 +226,7 @@ def test_loss_spikes_follow_their_policy(tmp_path: Path, policy: str):
 
     spc = DataStore(run / "data").step_index(8).steps_per_chunk
     spike = spc[0] + 3  # inside chunk 1, with more than 10 losses in the window
-    s = _train_with_nan(cfg, run, f"{spike}:x10")
+    s = _train_injected(cfg, run, f"{spike}:x10")
     assert s["done"]
     ev = read_jsonl(run / "metrics" / "events.jsonl")
     guards = [e for e in ev if e["event"] in ("loss_spike", "skip_step", "rollback_skip_chunk")]
