@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from llm360.config import TrainConfig
-from llm360.train.checkpoint import load_checkpoint, save_checkpoint
+from llm360.rundir.checkpoint import load_checkpoint, save_checkpoint
 from llm360.train.optim import build_optimizer
 
 VOCAB = 32000

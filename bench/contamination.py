@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from llm360.analysis.contamination import build_eval_index, scan_training_data
-from llm360.data.store import DataStore
+from llm360.rundir.data import DataStore
 
 ROW = 2049
 VOCAB = 32000

@@ -75,7 +75,7 @@ train_step() {  # an uninterrupted run (a), and one killed after its first check
 import json, sys
 from pathlib import Path
 import torch
-from llm360.train.checkpoint import load_model_state
+from llm360.rundir.checkpoint import load_model_state
 root = Path(sys.argv[1])
 a, b = (load_model_state(root / r / "checkpoints" / "ckpt_001") for r in ("a", "b"))
 same = all(torch.equal(a[k], b[k]) for k in a)

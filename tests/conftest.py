@@ -86,7 +86,7 @@ def save_model_checkpoint(
     merged into tokenizer_config.json.
     """
     from llm360.model.hf import hf_metadata_files
-    from llm360.train.checkpoint import save_checkpoint
+    from llm360.rundir.checkpoint import save_checkpoint
 
     extra: dict[str, bytes] = dict(hf_metadata_files(model.cfg, eos_token_id=eos_id))
     if tokenizer_dir is not None:

@@ -26,8 +26,8 @@ from torch import nn
 
 from llm360.config import TrainConfig
 from llm360.errors import CheckpointError
-from llm360.train import checkpoint as ckpt_mod
-from llm360.train.checkpoint import (
+from llm360.rundir import checkpoint as ckpt_mod
+from llm360.rundir.checkpoint import (
     MARKER,
     capture_rng,
     latest_complete_checkpoint,
@@ -686,8 +686,8 @@ SERVER = textwrap.dedent(
     import builtins, json, os, shutil, sys
     from pathlib import Path
     import torch
-    from llm360.train import checkpoint as ckpt_mod
-    from llm360.train.checkpoint import save_checkpoint
+    from llm360.rundir import checkpoint as ckpt_mod
+    from llm360.rundir.checkpoint import save_checkpoint
 
     root = Path(sys.argv[1])
     # the model file (64 KiB) takes the O_DIRECT path where the file system allows it, in 6 stages

@@ -21,8 +21,8 @@ from llm360.analysis.contamination import (
     scan_training_data,
 )
 from llm360.data.prepare import prepare
-from llm360.data.store import DataStore
 from llm360.data.tokenizer import load_saved
+from llm360.rundir.data import DataStore
 
 N = 8
 FRESH = "zebra quantum violin nebula saffron glacier orbit lantern marble tundra " * 3

@@ -15,7 +15,7 @@ from llm360.errors import CheckpointError, ConfigError, DataError, RunDirError
 from llm360.finetune import DpoConfig, SftConfig, builtin, dpo, finetune, finetune_config, sft
 from llm360.finetune.chat import CHAT_TEMPLATE, TEMPLATE_NAME, ensure_chat_template
 from llm360.finetune.records import load_records
-from llm360.train.checkpoint import verify_checkpoint
+from llm360.rundir.checkpoint import verify_checkpoint
 
 # Few steps, one optimizer step per micro-batch: what the tests need, not the paper's recipe.
 FAST = {"micro_batch_size": 4, "gradient_accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 96}

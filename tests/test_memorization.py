@@ -22,8 +22,8 @@ from llm360.analysis.memorization import (
 )
 from llm360.config import ModelConfig
 from llm360.data.prepare import prepare
-from llm360.data.store import DataStore
 from llm360.model.llama import Llama
+from llm360.rundir.data import DataStore
 
 K = L = 16
 

@@ -17,9 +17,9 @@ from conftest import make_docs, small_config, write_jsonl
 from llm360.cli import main as cli_main
 from llm360.config import validate_config
 from llm360.data.prepare import prepare, token_dtype
-from llm360.data.store import DataStore, StepIndex
 from llm360.data.tokenizer import load_saved
 from llm360.errors import DataError, RunDirError
+from llm360.rundir.data import DataStore, StepIndex
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

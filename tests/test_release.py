@@ -99,7 +99,7 @@ def test_replay_detects_a_tampered_checkpoint(trained, tmp_path: Path):
 
     from llm360.model.llama import Llama, resolve_model_config
     from llm360.release.build import write_sums
-    from llm360.train import checkpoint as ckpt
+    from llm360.rundir import checkpoint as ckpt
     from llm360.train.optim import build_optimizer
 
     cfg, run = trained

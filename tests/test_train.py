@@ -19,7 +19,7 @@ from conftest import small_config
 from llm360.config import validate_config
 from llm360.data.prepare import prepare
 from llm360.errors import CheckpointError, ConfigError, DataError, RunDirError
-from llm360.train import checkpoint as ckpt
+from llm360.rundir import checkpoint as ckpt
 from llm360.train.loop import INJECT_ENV, TrainingStopped, train
 
 
@@ -190,7 +190,7 @@ def test_nan_skip_step_is_recorded(tmp_path: Path):
 def test_nan_rollback_skip_chunk(tmp_path: Path):
     cfg = tiny_run_config(tmp_path, guards={"nonfinite_policy": "rollback_skip_chunk"})
     prepare(cfg, tmp_path / "run")
-    from llm360.data.store import DataStore
+    from llm360.rundir.data import DataStore
 
     spc = DataStore(tmp_path / "run" / "data").step_index(8).steps_per_chunk
     s = _train_injected(cfg, tmp_path / "run", str(spc[0] + 2))  # inside chunk 1
@@ -222,7 +222,7 @@ def test_loss_spikes_follow_their_policy(tmp_path: Path, policy: str):
     cfg = tiny_run_config(tmp_path, guards={"spike_factor": 3.0, "spike_window": 20, "spike_policy": policy})
     run = tmp_path / "run"
     prepare(cfg, run)
-    from llm360.data.store import DataStore
+    from llm360.rundir.data import DataStore
 
     spc = DataStore(run / "data").step_index(8).steps_per_chunk
     spike = spc[0] + 3  # inside chunk 1, with more than 10 losses in the window
@@ -279,8 +279,8 @@ def test_bad_inputs_are_clear(tmp_path: Path, prepared):
 
 
 def test_one_writer_per_run_directory(prepared):
-    from llm360.paths import RunDir
-    from llm360.utils import hold_lock
+    from llm360.rundir.atomic import hold_lock
+    from llm360.rundir.layout import RunDir
 
     cfg, run = prepared
     held = hold_lock(RunDir(run).lock, "being trained")  # as another `llm360 train` would

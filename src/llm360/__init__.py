@@ -1,6 +1,6 @@
 """llm360: fully transparent LLM pretraining.
 
-Every stage reads and writes one run directory (see ``llm360.paths``): data chunks in training
+Every stage reads and writes one run directory (see ``llm360.rundir.layout``): data chunks in training
 order, one complete checkpoint per chunk, metrics, evaluations and analyses, so a run can be
 released and verified by replay.
 """

@@ -38,7 +38,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, positional: bool = True) -> 
 def _load_config(args: argparse.Namespace):
     """The config named on the command line; else the run directory's own; else the embedded default."""
     from llm360.config import load_config
-    from llm360.paths import RunDir
+    from llm360.rundir.layout import RunDir
 
     path = getattr(args, "config", None)
     run_dir = getattr(args, "run_dir", None)
@@ -51,7 +51,7 @@ def _load_config(args: argparse.Namespace):
 def _run_config(run_dir: Path, args: argparse.Namespace):
     """The config of an existing run directory, with any --set overrides applied."""
     from llm360.config import load_config
-    from llm360.paths import RunDir
+    from llm360.rundir.layout import RunDir
 
     path = RunDir(run_dir).config
     if getattr(args, "config", None):
@@ -100,8 +100,8 @@ def _print_row(view, max_chars: int) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from llm360.data.inspect import view_batch, view_row
-    from llm360.data.store import DataStore
-    from llm360.paths import RunDir
+    from llm360.rundir.data import DataStore
+    from llm360.rundir.layout import RunDir
 
     data = RunDir(args.run_dir).data
     if args.what == "chunk":
@@ -120,7 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_export_data(args: argparse.Namespace) -> int:
     from llm360.data.export import export_llm360_jsonl
-    from llm360.paths import RunDir
+    from llm360.rundir.layout import RunDir
 
     out = args.out or str(Path(args.run_dir) / "export" / "llm360-jsonl")
     files = export_llm360_jsonl(RunDir(args.run_dir).data, out)
@@ -198,7 +198,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from llm360.config import load_config
     from llm360.finetune import finetune, finetune_config
-    from llm360.paths import RunDir
+    from llm360.rundir.layout import RunDir
 
     run_cfg = RunDir(args.run_dir).config
     base = getattr(load_config(run_cfg).finetune, args.kind) if run_cfg.is_file() else None

@@ -763,7 +763,7 @@ def _is_list(annotation: Any) -> bool:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config (atomically) to path."""
-    from llm360.utils import atomic_write_text
+    from llm360.rundir.atomic import atomic_write_text
 
     text, path = to_yaml(cfg), Path(path)
     if path.is_file() and path.read_text(encoding="utf-8") == text:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llm360.config import RunConfig
 from llm360.errors import Llm360Error
-from llm360.utils import atomic_write_text
+from llm360.rundir.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

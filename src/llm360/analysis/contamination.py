@@ -53,11 +53,12 @@ import numpy as np
 
 from llm360.analysis import AnalysisError, AnalysisResult, ContaminationConfig
 from llm360.errors import Llm360Error
-from llm360.paths import RunDir, index_name
-from llm360.utils import read_json, write_json
+from llm360.rundir.atomic import write_json
+from llm360.rundir.layout import RunDir, index_name
+from llm360.utils import read_json
 
 if TYPE_CHECKING:  # imported where used: scan workers import this module and need numpy only
-    from llm360.data.store import DataStore
+    from llm360.rundir.data import DataStore
 
 logger = logging.getLogger(__name__)
 
@@ -647,8 +648,8 @@ def analyze_contamination(
     computed with other settings (unless ``force``), are reported in ``result.failed``; the rest
     are scanned together in one pass over the chunks.
     """
-    from llm360.data.store import DataStore
     from llm360.data.tokenizer import load_saved
+    from llm360.rundir.data import DataStore
 
     cfg = cfg or ContaminationConfig()
     specs = list(tasks if tasks is not None else cfg.tasks)

@@ -59,12 +59,13 @@ import numpy as np
 import torch
 
 from llm360.analysis import AnalysisError, AnalysisResult, MemorizationConfig
-from llm360.data.store import DataStore
 from llm360.errors import CheckpointError, Llm360Error
 from llm360.log import ProgressTask, progress
 from llm360.model.llama import KVCache, Llama, decode_step
-from llm360.paths import RunDir
-from llm360.utils import fsync_dir, read_json, write_json
+from llm360.rundir.atomic import fsync_dir, write_json
+from llm360.rundir.data import DataStore
+from llm360.rundir.layout import RunDir
+from llm360.utils import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def find_checkpoints(checkpoints_dir: Path) -> list[tuple[int, str, Path]]:
 def check_complete(folder: Path) -> None:
     """Raise CheckpointError unless folder is a complete checkpoint (marker present, every hash right)."""
     try:
-        from llm360.train.checkpoint import verify_checkpoint
+        from llm360.rundir.checkpoint import verify_checkpoint
     except ImportError:  # the trainer's module is optional here; the marker is the contract
         if not (folder / MARKER).is_file():
             raise CheckpointError(f"checkpoint {folder} has no {MARKER}") from None

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from llm360.data.store import DataStore
 from llm360.log import progress
-from llm360.paths import index_name
+from llm360.rundir.data import DataStore
+from llm360.rundir.layout import index_name
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm360.data.store import DataStore
 from llm360.data.tokenizer import TextTokenizer, load_saved
 from llm360.errors import DataError
+from llm360.rundir.data import DataStore
 
 
 @dataclass

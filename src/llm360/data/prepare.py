@@ -52,25 +52,12 @@ from llm360.data.tokenizer import (
 )
 from llm360.errors import DataError, RunDirError
 from llm360.log import progress
-from llm360.paths import RunDir, chunk_file, index_name, provenance_file
-from llm360.utils import fsync_dir, hold_lock, read_json, sha256_file, write_json
+from llm360.rundir.atomic import fsync_dir, hold_lock, write_json
+from llm360.rundir.data import MANIFEST_VERSION, PROVENANCE_DTYPE
+from llm360.rundir.layout import RunDir, chunk_file, index_name, provenance_file
+from llm360.utils import read_json, sha256_file
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_VERSION = 1
-
-# One record per (row, document span): which tokens of which document sit where in a row.
-PROVENANCE_DTYPE = np.dtype(
-    [
-        ("row", "<u4"),  # row within the chunk
-        ("row_offset", "<u4"),  # first position in the row
-        ("length", "<u4"),  # tokens of this span (the document's EOS included)
-        ("source", "<u2"),  # index into manifest["source_names"]: whose tokens these are
-        ("table", "<u2"),  # index into manifest["sources"]: which documents table `doc` refers to
-        ("doc", "<u8"),  # document number n in data/documents/<table source>.jsonl.gz
-        ("doc_offset", "<u4"),  # token offset within that document
-    ]
-)
 
 # Per training document: where its tokens are in the scratch file, and its two seeded draws.
 _DOCIDX_DTYPE = np.dtype(

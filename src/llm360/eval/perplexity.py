@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm360.data.store import DataStore
 from llm360.errors import DataError
 from llm360.log import progress
 from llm360.model.llama import Llama
+from llm360.rundir.data import DataStore
 
 
 def validation_sources(data_dir: Path) -> tuple[DataStore | None, list[str], str | None]:

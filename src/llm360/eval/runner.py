@@ -40,8 +40,9 @@ from llm360 import __version__
 from llm360.errors import CheckpointError, ConfigError, Llm360Error
 from llm360.eval.config import EvalConfig
 from llm360.eval.specs import TaskSpec, resolve_tasks
-from llm360.paths import RunDir
-from llm360.utils import atomic_write_text, read_json, sha256_file
+from llm360.rundir.atomic import atomic_write_text
+from llm360.rundir.layout import RunDir
+from llm360.utils import read_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def list_models(run_dir: str | Path) -> list[Path]:
 
 def _verify(folder: Path) -> None:
     """Full check of a checkpoint: its marker and every listed file's size and sha256."""
-    from llm360.train.checkpoint import verify_checkpoint
+    from llm360.rundir.checkpoint import verify_checkpoint
 
     verify_checkpoint(folder)
 

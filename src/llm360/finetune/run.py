@@ -12,7 +12,7 @@
       train_data.jsonl              only for built-in data: the exact records trained on
       trainer_state.json, rng_state.*, COMPLETE.json   as in every llm360 checkpoint
 
-The folder is written by :func:`llm360.train.checkpoint.save_checkpoint`: into a hidden temporary
+The folder is written by :func:`llm360.rundir.checkpoint.save_checkpoint`: into a hidden temporary
 folder, fsynced, renamed, with ``COMPLETE.json`` (sha256 of every file) written last, so
 ``verify_checkpoint`` and every stage that reads checkpoints (``llm360 eval``) treat it like one.
 While training, TRL's scratch files and the metrics live in ``finetune/.<name>.work-<pid>/``,
@@ -43,7 +43,7 @@ from llm360.errors import CheckpointError, ConfigError, DataError, Llm360Error, 
 from llm360.finetune import builtin
 from llm360.finetune.config import DpoConfig, Kind, SftConfig, check_output_name
 from llm360.finetune.records import Records, load_records
-from llm360.paths import RunDir
+from llm360.rundir.layout import RunDir
 from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def resolve_base(run_dir: str | Path, base: str | Path) -> Path:
     rd = RunDir(run)
     text = str(base)
     if text == "latest":
-        from llm360.train.checkpoint import latest_complete_checkpoint
+        from llm360.rundir.checkpoint import latest_complete_checkpoint
 
         found = latest_complete_checkpoint(rd.checkpoints, include_steps=False, cleanup=False)
         if found is None:
@@ -140,7 +140,7 @@ def verify_base(folder: Path) -> str:
             f"checkpoint {folder} is incomplete or not an llm360 checkpoint: it has no {_MARKER} (written last, "
             "when a save finishes), so it will not be loaded"
         )
-    from llm360.train.checkpoint import verify_checkpoint
+    from llm360.rundir.checkpoint import verify_checkpoint
 
     verify_checkpoint(folder)  # every file's sha256 against the marker
     if not (folder / "config.json").is_file():
@@ -464,7 +464,7 @@ def _run(
     )  # fmt: skip
     extra[LINEAGE_FILE] = json.dumps(lineage, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
-    from llm360.train.checkpoint import save_checkpoint
+    from llm360.rundir.checkpoint import save_checkpoint
 
     trainer_state = {
         "step": steps,

@@ -37,7 +37,7 @@ from torch import nn
 
 from llm360.config import MODEL_PRESETS, ModelConfig
 from llm360.errors import CheckpointError, ConfigError
-from llm360.utils import atomic_write_bytes, fsync_dir
+from llm360.rundir.atomic import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from llm360 import __version__
 from llm360.errors import Llm360Error, RunDirError
 from llm360.log import progress
-from llm360.utils import fsync_dir, sha256_file
+from llm360.rundir.atomic import fsync_dir
+from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def release(run_dir: str | Path, out: str | Path, *, force: bool = False, link: 
     ckpts = sorted((run / "checkpoints").glob("ckpt_*"))
     if not ckpts:
         raise RunDirError(f"{run} has no checkpoints yet; train first (llm360 train --run-dir {run})")
-    from llm360.train.checkpoint import verify_checkpoint
+    from llm360.rundir.checkpoint import verify_checkpoint
 
     for c in [*ckpts, run / "checkpoints" / "init"]:
         if c.exists():

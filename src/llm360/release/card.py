@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from llm360.config import parametrization_text
-from llm360.paths import RunDir
+from llm360.rundir.layout import RunDir
 
 
 def _read_json(path: Path) -> Any:

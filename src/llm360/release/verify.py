@@ -30,8 +30,8 @@ import torch
 from llm360.config import load_config
 from llm360.errors import CheckpointError, Llm360Error
 from llm360.log import progress
-from llm360.paths import RunDir, index_name
 from llm360.release.build import SUMS, ReleaseError, read_sums
+from llm360.rundir.layout import RunDir, index_name
 from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _check_sums(root: Path, report: VerifyReport) -> dict[str, str]:
 
 
 def _check_consistency(root: Path, report: VerifyReport, computed: dict[str, str]) -> None:
-    from llm360.train.checkpoint import verify_checkpoint
+    from llm360.rundir.checkpoint import verify_checkpoint
 
     try:
         cfg = load_config(root / "config.yaml")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm360.paths import RunDir
+from llm360.rundir.layout import RunDir
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from llm360.report import sections as sec
 from llm360.report.assets import CSS, JS
 from llm360.report.collect import RunFacts, collect
 from llm360.report.svg import esc
-from llm360.utils import atomic_write_text
+from llm360.rundir.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

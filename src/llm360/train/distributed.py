@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llm360.errors import CheckpointError, ConfigError, DataError, Llm360Error, RunDirError
-from llm360.utils import fsync_dir
+from llm360.rundir.atomic import fsync_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`llm360 train`: walk the chunks in order, one complete checkpoint per chunk, exact resume.
 
-One optimizer step trains on one global batch: the rows :class:`~llm360.data.store.StepIndex`
+One optimizer step trains on one global batch: the rows :class:`~llm360.rundir.data.StepIndex`
 assigns to that step, split over ranks, then over micro-batches. The loss is the sum of token
 losses divided by the tokens of the whole global batch, so the gradient is the same whatever the
 world size, micro-batch size or accumulation. Every logged number is reduced over ranks.
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from llm360.config import RunConfig, save_config, stable_hash, to_yaml
-from llm360.data.store import DataStore, StepIndex
 from llm360.errors import CheckpointError, ConfigError, Llm360Error
 from llm360.log import progress
 from llm360.model.hf import hf_metadata_files
 from llm360.model.llama import Llama, flops_per_token, resolve_model_config
-from llm360.paths import RunDir, index_name
-from llm360.train import checkpoint as ckpt
+from llm360.rundir import checkpoint as ckpt
+from llm360.rundir.atomic import hold_lock
+from llm360.rundir.data import DataStore, StepIndex
+from llm360.rundir.layout import RunDir, index_name
 from llm360.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -56,7 +57,7 @@ from llm360.train.distributed import (
 )
 from llm360.train.metrics import MetricsLogger, truncate_jsonl_from_step
 from llm360.train.optim import build_optimizer, lr_at, set_lr
-from llm360.utils import hold_lock, sha256_file
+from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -428,7 +429,7 @@ class Trainer:
         step (after verifying the consolidated checkpoint, which holds the trainer and RNG state),
         otherwise from the consolidated files, read into a full-size CPU copy of the model and its
         optimizer state and scattered. The consolidated checkpoint is verified (every file hashed)
-        either way, before the live state is touched. Returns :func:`~llm360.train.checkpoint.load_checkpoint`'s
+        either way, before the live state is touched. Returns :func:`~llm360.rundir.checkpoint.load_checkpoint`'s
         dict (trainer and RNG state) and whether the state came from the sharded copy.
         """
         if not is_sharded(self.model):

@@ -18,7 +18,7 @@ def index_name(i: int) -> str:
 
 RUN_LOCK = ".run.lock"
 """Held (flock) by the process preparing or training a run directory, with who it is; released when it
-exits (:func:`llm360.utils.hold_lock`)."""
+exits (:func:`llm360.rundir.atomic.hold_lock`)."""
 
 
 class RunDir:

@@ -16,10 +16,24 @@ from pathlib import Path
 
 import numpy as np
 
-from llm360.data.prepare import PROVENANCE_DTYPE
 from llm360.errors import DataError
-from llm360.paths import RunDir
+from llm360.rundir.layout import RunDir
 from llm360.utils import read_json
+
+MANIFEST_VERSION = 1
+
+# One record per (row, document span): which tokens of which document sit where in a row.
+PROVENANCE_DTYPE = np.dtype(
+    [
+        ("row", "<u4"),  # row within the chunk
+        ("row_offset", "<u4"),  # first position in the row
+        ("length", "<u4"),  # tokens of this span (the document's EOS included)
+        ("source", "<u2"),  # index into manifest["source_names"]: whose tokens these are
+        ("table", "<u2"),  # index into manifest["sources"]: which documents table `doc` refers to
+        ("doc", "<u8"),  # document number n in data/documents/<table source>.jsonl.gz
+        ("doc_offset", "<u4"),  # token offset within that document
+    ]
+)
 
 
 @dataclass(frozen=True)

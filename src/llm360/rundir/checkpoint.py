@@ -13,7 +13,7 @@ A checkpoint is one folder; nothing in it is a pickle::
       config.json, ...         extra files given by the caller (HF config, config.yaml, tokenizer)
       COMPLETE.json            the marker: sha256 and size of every other file; written last
 
-Chunk checkpoints are ``checkpoints/ckpt_NNN`` (see :meth:`llm360.paths.RunDir.ckpt_dir`);
+Chunk checkpoints are ``checkpoints/ckpt_NNN`` (see :meth:`llm360.rundir.layout.RunDir.ckpt_dir`);
 intra-chunk ones (``train.checkpoint_every_steps``) are ``checkpoints/steps/step_XXXXXXXX``
 (:func:`step_checkpoint_dir`, the global optimizer step, 8 digits or more).
 
@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from llm360.errors import CheckpointError
-from llm360.utils import fsync_dir
+from llm360.rundir.atomic import fsync_dir
 
 logger = logging.getLogger(__name__)
 
