@@ -27,10 +27,12 @@ demo: install
 
 test: install-test
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

@@ -64,9 +64,12 @@ train_step() {  # an uninterrupted run (a), and one killed after its first check
   "$PY" -m llm360.cli --no-progress prepare --run-dir "$root/a" || return 1
   cp -r "$root/a" "$root/b"  # the same prepared data for both runs
   "$PY" -m llm360.cli --no-progress train --run-dir "$root/a" --device "$dev" "${sets[@]}" || return 1
+  local marker  # the marker of run b's first checkpoint, as the run directory's format names it
+  marker=$("$PY" -c 'import sys; from llm360.rundir.layout import MARKER, RunDir
+print(RunDir(sys.argv[1]).ckpt_dir(0) / MARKER)' "$root/b") || return 1
   "$PY" -m llm360.cli --no-progress train --run-dir "$root/b" --device "$dev" "${sets[@]}" &
   local pid=$!
-  while kill -0 "$pid" 2>/dev/null && [ ! -f "$root/b/checkpoints/ckpt_000/COMPLETE.json" ]; do sleep 0.2; done
+  while kill -0 "$pid" 2>/dev/null && [ ! -f "$marker" ]; do sleep 0.2; done
   sleep 1
   kill -9 "$pid" 2>/dev/null && echo "killed the run at $(date +%T) after ckpt_000"
   wait "$pid" 2>/dev/null
@@ -76,8 +79,9 @@ import json, sys
 from pathlib import Path
 import torch
 from llm360.rundir.checkpoint import load_model_state
+from llm360.rundir.layout import RunDir
 root = Path(sys.argv[1])
-a, b = (load_model_state(root / r / "checkpoints" / "ckpt_001") for r in ("a", "b"))
+a, b = (load_model_state(RunDir(root / r).ckpt_dir(1)) for r in ("a", "b"))
 same = all(torch.equal(a[k], b[k]) for k in a)
 diff = max(float((a[k] - b[k]).abs().max()) for k in a)
 print(f"resumed after SIGKILL vs uninterrupted, ckpt_001 weights: identical={same} max|diff|={diff:.3g}")

@@ -31,14 +31,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm360.analysis.memorization import (
-    load_model,
-    memorization_scores,
-    reference_scores_transformers,
-)
+from llm360.analysis.memorization import memorization_scores, reference_scores_transformers
 from llm360.config import ModelConfig
 from llm360.model.hf import save_hf_folder
 from llm360.model.llama import Llama
+from llm360.model.load import load_model
 
 
 def build(args: argparse.Namespace, seed: int = 0) -> Llama:

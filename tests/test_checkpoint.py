@@ -26,18 +26,30 @@ from torch import nn
 
 from llm360.config import TrainConfig
 from llm360.errors import CheckpointError
-from llm360.rundir import checkpoint as ckpt_mod
+from llm360.rundir import atomic
+from llm360.rundir import tensorio as tio
 from llm360.rundir.checkpoint import (
     MARKER,
     capture_rng,
     latest_complete_checkpoint,
     load_checkpoint,
     load_model_state,
+    marker_sha256,
+    read_marker,
     remove_checkpoint,
     restore_rng,
     save_checkpoint,
     step_checkpoint_dir,
     verify_checkpoint,
+)
+from llm360.rundir.layout import (
+    RunDir,
+    ckpt_name,
+    list_checkpoints,
+    list_step_checkpoints,
+    parse_ckpt_name,
+    parse_step_name,
+    step_name,
 )
 from llm360.train.optim import build_optimizer
 
@@ -348,11 +360,12 @@ def test_every_file_loads_without_pickle(trained, monkeypatch: pytest.MonkeyPatc
             tensors = load_file(f)  # the reference safetensors reader
             with safe_open(f, "pt") as st:
                 assert st.metadata() == {"format": "pt"}
-            ours = ckpt_mod._parse_safetensors(
-                torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8), "x"
-            )
+            ours = tio.parse_safetensors(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8), "x")
             assert tensors.keys() == ours.keys()
             assert all(torch.equal(tensors[k], ours[k]) for k in tensors)
+            header = tio.read_header(f)  # the header alone, as the report reads it
+            assert header.pop("__metadata__") == {"format": "pt"} and header.keys() == tensors.keys()
+            assert all(header[k]["shape"] == list(tensors[k].shape) for k in tensors)
         elif f.suffix in (".json",):
             json.loads(f.read_text())
         else:
@@ -454,8 +467,8 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(
     """ENOSPC in the middle of a re-save: CheckpointError naming it; the old checkpoint stays."""
     model, opt, path = trained
     before = {p.name: p.read_bytes() for p in path.iterdir()}
-    monkeypatch.setattr(ckpt_mod, "_DIRECT_MIN", 1024 if direct else 1 << 40)
-    monkeypatch.setattr(ckpt_mod, "_STAGE", 4096)
+    monkeypatch.setattr(tio, "_DIRECT_MIN", 1024 if direct else 1 << 40)
+    monkeypatch.setattr(tio, "_STAGE", 4096)
     calls = [0]
     real_write = os.write
 
@@ -465,8 +478,8 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(ckpt_mod.os, "write", full)
-    monkeypatch.setattr(ckpt_mod, "_write_all", lambda f, mv: full(f.fileno(), mv))
+    monkeypatch.setattr(tio.os, "write", full)
+    monkeypatch.setattr(tio, "_write_all", lambda f, mv: full(f.fileno(), mv))
     train(model, opt, 1)
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left on device.*intact"):
         save(path, model, opt, 9)
@@ -479,8 +492,8 @@ def test_verify_with_known_digests_reads_only_the_others(trained, monkeypatch: p
     _, _, path = trained
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir() if p.name != "COMPLETE.json"}
     hashed: list[str] = []
-    real = ckpt_mod._hash_file
-    monkeypatch.setattr(ckpt_mod, "_hash_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    real = tio.hash_file
+    monkeypatch.setattr(tio, "hash_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
     verify_checkpoint(path, known_sha256={"model.safetensors": digests["model.safetensors"]})
     assert "model.safetensors" not in hashed and "optimizer.safetensors" in hashed
     hashed.clear()
@@ -493,11 +506,11 @@ def test_verify_with_known_digests_reads_only_the_others(trained, monkeypatch: p
 
 def test_small_slices_threads_and_host_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Exercise the multi-block, threaded and copy-as-you-go (GPU) paths on small data."""
-    monkeypatch.setattr(ckpt_mod, "_SLICE", 64)
-    monkeypatch.setattr(ckpt_mod, "_INLINE", 16)
-    monkeypatch.setattr(ckpt_mod, "_MAX_PENDING", 256)
+    monkeypatch.setattr(tio, "_SLICE", 64)
+    monkeypatch.setattr(tio, "_INLINE", 16)
+    monkeypatch.setattr(tio, "_MAX_PENDING", 256)
     for host in (True, False):
-        monkeypatch.setattr(ckpt_mod, "_in_host_memory", lambda t, host=host: host)
+        monkeypatch.setattr(tio, "_in_host_memory", lambda t, host=host: host)
         model, opt = make(0)
         train(model, opt, 2)
         path = save(tmp_path / f"ck_{host}", model, opt, 2)
@@ -538,20 +551,20 @@ def test_direct_io_path_in_small_stages(tmp_path: Path, monkeypatch: pytest.Monk
     model, opt = make(0)
     train(model, opt, 2)
     buffered = save(tmp_path / "buffered", model, opt, 2)
-    monkeypatch.setattr(ckpt_mod, "_direct_ok", True)
-    monkeypatch.setattr(ckpt_mod, "_DIRECT_MIN", 1024)
-    monkeypatch.setattr(ckpt_mod, "_STAGE", 4096)
-    monkeypatch.setattr(ckpt_mod, "_SLICE", 1000)
-    monkeypatch.setattr(ckpt_mod, "_in_host_memory", lambda t: host)
+    monkeypatch.setattr(tio, "_direct_ok", True)
+    monkeypatch.setattr(tio, "_DIRECT_MIN", 1024)
+    monkeypatch.setattr(tio, "_STAGE", 4096)
+    monkeypatch.setattr(tio, "_SLICE", 1000)
+    monkeypatch.setattr(tio, "_in_host_memory", lambda t: host)
     opened: list[int] = []
     real_open = os.open
     monkeypatch.setattr(
-        ckpt_mod.os, "open", lambda path, flags, *a: opened.append(flags) or real_open(path, flags, *a)
+        tio.os, "open", lambda path, flags, *a: opened.append(flags) or real_open(path, flags, *a)
     )
     direct = save(tmp_path / "direct", model, opt, 2)
     supported = _odirect_supported(tmp_path)
     assert any(f & os.O_DIRECT for f in opened)  # the direct path was tried
-    assert ckpt_mod._direct_ok is supported  # and kept, or given up for the process
+    assert tio._direct_ok is supported  # and kept, or given up for the process
     assert (direct / "optimizer.safetensors").stat().st_size > 3 * 4096  # several stages, a tail
     for f in sorted(p.name for p in buffered.iterdir()):
         assert (direct / f).read_bytes() == (buffered / f).read_bytes(), f
@@ -560,7 +573,7 @@ def test_direct_io_path_in_small_stages(tmp_path: Path, monkeypatch: pytest.Monk
     load_checkpoint(direct, model2, opt2)
     assert_same_state(model, opt, model2, opt2)
     assert any(f & os.O_DIRECT and not f & os.O_WRONLY for f in opened)  # read back with O_DIRECT
-    assert ckpt_mod._direct_ok is supported
+    assert tio._direct_ok is supported
 
 
 @pytest.mark.parametrize("where", ["open", "probe"])
@@ -568,8 +581,8 @@ def test_direct_io_refused_falls_back_to_buffered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     """A file system that refuses O_DIRECT (at open, or at the first write) gets buffered writes."""
-    monkeypatch.setattr(ckpt_mod, "_direct_ok", True)
-    monkeypatch.setattr(ckpt_mod, "_DIRECT_MIN", 1024)
+    monkeypatch.setattr(tio, "_direct_ok", True)
+    monkeypatch.setattr(tio, "_DIRECT_MIN", 1024)
     real_open, real_write = os.open, os.write
     direct_fds: set[int] = set()
 
@@ -586,12 +599,12 @@ def test_direct_io_refused_falls_back_to_buffered(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
-    monkeypatch.setattr(ckpt_mod.os, "open", fake_open)
-    monkeypatch.setattr(ckpt_mod.os, "write", fake_write)
+    monkeypatch.setattr(tio.os, "open", fake_open)
+    monkeypatch.setattr(tio.os, "write", fake_write)
     model, opt = make(0)
     train(model, opt, 2)
     path = save(tmp_path / "ck", model, opt, 2)
-    assert ckpt_mod._direct_ok is False
+    assert tio._direct_ok is False
     assert not [p for p in path.iterdir() if p.name.startswith(".")]
     verify_checkpoint(path)
     model2, opt2 = make(1)
@@ -660,13 +673,9 @@ def test_interrupted_replace_is_rolled_back(tmp_path: Path) -> None:
     # a leftover of this process's own running save is left alone
     live = root / f".ckpt_002.tmp-{os.getpid()}"
     live.mkdir()
-    with ckpt_mod._in_progress_lock:
-        ckpt_mod._in_progress.add(str(live))
-    try:
+    with atomic._writing(live):
         latest_complete_checkpoint(root)
         assert live.exists()
-    finally:
-        ckpt_mod._in_progress.discard(str(live))
     latest_complete_checkpoint(root)
     assert not live.exists()
     # so is one whose writer is another live process (here: our parent)
@@ -674,6 +683,81 @@ def test_interrupted_replace_is_rolled_back(tmp_path: Path) -> None:
     other.mkdir()
     latest_complete_checkpoint(root)
     assert other.exists()
+
+
+def test_listing_names_and_marker_digest(tmp_path: Path) -> None:
+    """One listing for every stage: ckpt_NNN by index, complete ones by marker; names round-trip."""
+    root = tmp_path / "checkpoints"
+    model, opt = make(0)
+    for name in ("ckpt_010", "ckpt_002", "ckpt_1000"):
+        save(root / name, model, opt, 1)
+    (root / "ckpt_010" / MARKER).unlink()
+    for name in (".ckpt_003.tmp-12", "init", "ckpt_7", "notes"):
+        (root / name).mkdir()
+    save(step_checkpoint_dir(root, 40), model, opt, 40)
+    (root / "steps" / "step_00000005").mkdir()
+    assert [(i, p.name) for i, p in list_checkpoints(root)] == [(2, "ckpt_002"), (10, "ckpt_010"), (1000, "ckpt_1000")]
+    assert [i for i, _ in list_checkpoints(root, complete_only=True)] == [2, 1000]
+    assert [i for i, _ in list_step_checkpoints(root / "steps", complete_only=True)] == [40]
+    assert list_checkpoints(tmp_path / "nowhere") == []
+    assert ckpt_name(7) == "ckpt_007" and parse_ckpt_name("ckpt_007") == 7 and parse_ckpt_name("ckpt_7") is None
+    assert step_name(40) == "step_00000040" and parse_step_name(step_name(40)) == 40
+    assert RunDir(tmp_path).ckpt_dir(2) == root / "ckpt_002" and RunDir(tmp_path).init_checkpoint == root / "init"
+    assert marker_sha256(root / "ckpt_002") == hashlib.sha256((root / "ckpt_002" / MARKER).read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError, match="no COMPLETE.json"):
+        marker_sha256(root / "ckpt_010")
+    assert read_marker(root / "ckpt_002")["model.safetensors"]["size"] > 0
+
+
+def test_one_leftover_rule_for_files_folders_and_scratch(tmp_path: Path) -> None:
+    """Dead writers' temporaries and scratch folders go; a moved-aside folder comes back; `only` narrows."""
+    (tmp_path / f".a.work-{DEAD_PID}").mkdir()
+    (tmp_path / f".b.json.tmp-{DEAD_PID}").write_text("half")
+    (tmp_path / f".c.old-{DEAD_PID}").mkdir()
+    (tmp_path / f".d.tmp-{DEAD_PID}").mkdir()
+    (tmp_path / f".e.work-{os.getppid()}").mkdir()  # a live process's
+    atomic.clean_leftovers(tmp_path, only="d")
+    assert not (tmp_path / f".d.tmp-{DEAD_PID}").exists() and (tmp_path / f".a.work-{DEAD_PID}").exists()
+    atomic.clean_leftovers(tmp_path, check_old=lambda p: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".e.work-{os.getppid()}", "c"]
+    # a scratch folder of this process is registered while in use, gone afterwards
+    with atomic.staged(tmp_path / "f", kind="work") as work:
+        atomic.clean_leftovers(tmp_path)
+        assert work.is_dir() and work.name == f".f.work-{os.getpid()}"
+    assert not work.exists()
+
+
+def test_atomic_file_and_folder_replace(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "x.bin"
+    with pytest.raises(RuntimeError), atomic.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with atomic.atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole"
+    folder = tmp_path / "release"
+    for text in ("old", "new"):
+        with atomic.atomic_folder(folder) as tmp:
+            (tmp / "a" / "b").mkdir(parents=True)
+            (tmp / "a" / "b" / "f").write_text(text)
+    assert (folder / "a" / "b" / "f").read_text() == "new"
+    with pytest.raises(RuntimeError), atomic.atomic_folder(folder) as tmp:
+        (tmp / "g").write_text("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release", "sub"]
+    assert (folder / "a" / "b" / "f").read_text() == "new" and not (folder / "g").exists()
+
+
+def test_header_read_alone_and_malformed_files_named(trained, tmp_path: Path) -> None:
+    _, _, path = trained
+    header = tio.read_header(path / "model.safetensors")
+    assert header["__metadata__"] == {"format": "pt"}
+    assert header["lm_head.weight"]["dtype"] == "F32" and header["lm_head.weight"]["shape"] == [17, 8]
+    for i, raw in enumerate([b"\x01\x02", (1 << 40).to_bytes(8, "little") + b"{}", (2).to_bytes(8, "little") + b"[]"]):
+        (tmp_path / f"bad{i}").write_bytes(raw)
+        with pytest.raises(CheckpointError, match=f"bad{i} is not a valid safetensors file"):
+            tio.read_header(tmp_path / f"bad{i}")
 
 
 # ---------------------------------------------------------------------- kills during a save
@@ -686,12 +770,12 @@ SERVER = textwrap.dedent(
     import builtins, json, os, shutil, sys
     from pathlib import Path
     import torch
-    from llm360.rundir import checkpoint as ckpt_mod
+    from llm360.rundir import tensorio as tio
     from llm360.rundir.checkpoint import save_checkpoint
 
     root = Path(sys.argv[1])
     # the model file (64 KiB) takes the O_DIRECT path where the file system allows it, in 6 stages
-    ckpt_mod._DIRECT_MIN, ckpt_mod._STAGE, ckpt_mod._STAGES = 1 << 15, 3 << 12, 2
+    tio._DIRECT_MIN, tio._STAGE, tio._STAGES = 1 << 15, 3 << 12, 2
 
     def save(name, step):
         w = {"model.w": torch.full((64, 256), float(step)), "model.b": torch.full((256,), float(step))}

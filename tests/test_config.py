@@ -1,8 +1,10 @@
+import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
+import llm360.config
 from llm360.config import PRESETS, load_config, to_yaml, validate_config
 from llm360.errors import ConfigError
 
@@ -93,3 +95,20 @@ def test_every_field_is_documented():
     assert "analysis.memorization.prompt_tokens" in keys and "finetune.sft.lr" in keys
     undocumented = [k for k, _, doc in rows if not doc.strip()]
     assert not undocumented, f"fields without a docstring: {undocumented}"
+
+
+def test_config_imports_no_stage_package():
+    """Every stage imports the config, so the config imports none of them, not even inside a function."""
+    allowed = ("llm360.config", "llm360.errors", "llm360.log", "llm360.utils")
+    for path in sorted(Path(llm360.config.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "llm360" or name.startswith("llm360."):
+                    ok = name in allowed or name.startswith(tuple(f"{a}." for a in allowed))
+                    assert ok, f"{path.name} imports {name}"

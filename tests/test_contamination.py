@@ -23,6 +23,7 @@ from llm360.analysis.contamination import (
 from llm360.data.prepare import prepare
 from llm360.data.tokenizer import load_saved
 from llm360.rundir.data import DataStore
+from test_inspect import trained_run  # a tiny trained run with a NaN injected (LLM360_INJECT_AT_STEPS)
 
 N = 8
 FRESH = "zebra quantum violin nebula saffron glacier orbit lantern marble tundra " * 3
@@ -214,3 +215,67 @@ def test_unknown_lm_eval_task_name_is_a_clear_message(run, monkeypatch):
     monkeypatch.setattr(contamination._LmEval, "manager", lambda self, defaults: Index())
     res = analyze_contamination(run, ContaminationConfig(tasks=["hellaswagg"], workers=1))
     assert "neither a file nor an lm-eval task name; did you mean hellaswag?" in res.failed["hellaswagg"]
+
+
+@pytest.fixture(scope="module")
+def skipped_chunk(tmp_path_factory) -> dict:
+    """A NaN in chunk 1 under nonfinite_policy = rollback_skip_chunk: chunk 1 is in the data, never trained."""
+    return trained_run(tmp_path_factory.mktemp("contam-skip"), "rollback_skip_chunk", lambda spc: spc[0] + 5)
+
+
+def chunks_holding(run_dir: Path, texts: list[str], n: int) -> list[set[int]]:
+    """Per example: the chunks with a training row holding one of its n-grams (brute force)."""
+    store = DataStore(run_dir / "data")
+    per_chunk = []
+    for c in range(store.num_chunks):
+        grams = set()
+        for row in np.asarray(store.chunk(c)).tolist():
+            grams.update(tuple(row[i : i + n]) for i in range(len(row) - n + 1))
+        per_chunk.append(grams)
+    out = []
+    for ids in load_saved(run_dir / "data" / "tokenizer").encode_batch(texts):
+        mine = {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+        out.append({c for c, grams in enumerate(per_chunk) if mine & grams})
+    return out
+
+
+def test_a_chunk_a_guard_skipped_is_not_counted_as_seen(skipped_chunk, tmp_path):
+    run = skipped_chunk["dir"]
+    assert skipped_chunk["summary"]["skipped_chunks"] == [1]
+    store = DataStore(run / "data")
+    tok = load_saved(run / "data" / "tokenizer")
+    texts = [tok.decode(np.asarray(store.chunk(c)[0]).tolist()) for c in range(store.num_chunks)]  # one per chunk
+    n = 20  # this corpus's few words repeat shorter n-grams across chunks
+    assert chunks_holding(run, texts, n) == [{0}, {1}, {2}]  # each example's n-grams are in its own chunk only
+    task = write_jsonl(tmp_path / "rows.jsonl", texts)
+    cfg = ContaminationConfig(tasks=[str(task)], ngram=n, workers=1)
+    res = analyze_contamination(run, cfg)
+    assert res.ok and res.computed == ["rows"]
+    path = run / "analysis" / "contamination" / "rows.json"
+    rep = json.loads(path.read_text())
+    assert rep["skipped_chunks"] == [1] and rep["settings"]["skipped_chunks"] == [1]
+    # in the data: every example, chunk 1's included
+    assert rep["contaminated_examples"] == 3 and rep["per_example"]["first_chunk"] == [0, 1, 2]
+    assert [(c["chunk"], c["skipped"]) for c in rep["chunks"]] == [(0, False), (1, True), (2, False)]
+    # seen by a checkpoint: never chunk 1's example, which no checkpoint trained on
+    assert rep["per_example"]["first_seen_chunk"] == [0, -1, 2]
+    assert rep["contaminated_examples_seen_by_checkpoint"] == [1, 1, 2]
+    assert rep["first_checkpoint_that_saw_it"] == "ckpt_000"
+    top = {x["index"]: x for x in rep["top_examples"]}
+    assert top[1]["first_occurrence"]["chunk"] == 1 and top[1]["first_occurrence"]["skipped"]
+    assert top[1]["first_seen_by"] is None and top[2]["first_seen_by"] == "ckpt_002"
+
+    # only chunk 1's example: seen by no checkpoint
+    only = write_jsonl(tmp_path / "only.jsonl", texts[1:2])
+    analyze_contamination(run, cfg, tasks=[str(only)])
+    rep = json.loads((run / "analysis" / "contamination" / "only.json").read_text())
+    assert rep["contaminated_examples"] == 1 and rep["first_checkpoint_that_saw_it"] is None
+    assert rep["contaminated_examples_seen_by_checkpoint"] == [0, 0, 0]
+
+    # a result written before training skipped the chunk is recomputed, not reused nor refused
+    old = json.loads(path.read_text())
+    old["settings"]["skipped_chunks"] = []
+    path.write_text(json.dumps(old))
+    res = analyze_contamination(run, cfg)
+    assert res.ok and res.computed == ["rows"]
+    assert json.loads(path.read_text())["contaminated_examples_seen_by_checkpoint"] == [1, 1, 2]

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from llm360.config import to_yaml, validate_config
 from llm360.data.prepare import prepare
-from llm360.train.loop import INJECT_ENV, train
+from llm360.train import train
+from llm360.train.faults import INJECT_ENV
 from test_train import assert_same_weights, read_jsonl, tiny_run_config
 
 
@@ -226,7 +227,7 @@ def _agreement_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
     from llm360.errors import CheckpointError, Llm360Error, RunDirError
-    from llm360.train.distributed import DistInfo, same_on_every_rank, together
+    from llm360.train.parallel import DistInfo, same_on_every_rank, together
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     info = DistInfo(rank, world)

@@ -299,11 +299,11 @@ def test_watch_follows_a_real_training_process(tmp_path: Path):
 
 
 def test_perplexity_equals_a_plain_cross_entropy(run: Path):
-    from llm360.eval.loading import load_llama
+    from llm360.model.load import load_model
     from llm360.rundir.data import DataStore
 
     evaluate(run, ["perplexity"], fast_cfg(perplexity_max_rows=10))
-    model = load_llama(run / "checkpoints" / "ckpt_001")
+    model = load_model(run / "checkpoints" / "ckpt_001")
     store = DataStore(run / "data")
     r = result(run, "ckpt_001", "perplexity")
     total_nll, total_tok = 0.0, 0

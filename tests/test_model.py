@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from llm360.config import MODEL_PRESETS, ModelConfig, MupConfig
 from llm360.errors import ConfigError
 from llm360.model.llama import (
+    KVCache,
     Llama,
+    decode_step,
     flops_per_token,
     linear_cross_entropy,
     num_parameters,
@@ -162,6 +164,30 @@ def test_greedy_generation_crystalcoder_options_and_training_mode_restored():
         for _ in range(6):
             seq = torch.cat((seq, model(seq)[:, -1].argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"num_kv_heads": 2, "norm": "layernorm", "rope_fraction": 0.25, "mup": MupConfig(base_width=16)}],
+    ids=["llama", "crystalcoder-gqa"],
+)
+def test_ragged_decode_step_matches_full_forward(kw):
+    """Rows at different positions, prefilled with padding past their end, decode as the full forward."""
+    cfg = tiny(**kw)
+    model = model_of(cfg)
+    seq = ids(b=3, t=12)
+    pos_n = torch.tensor([3, 7, 5])
+    with torch.no_grad():
+        full_BTV = model(seq)
+        cache = KVCache(cfg, 3, 12, torch.device("cpu"), torch.float32)
+        model.model(torch.where(torch.arange(7) < pos_n[:, None], seq[:, :7], 0), cache)  # padded prefill
+        for _ in range(4):
+            logits_nV = decode_step(model, seq[torch.arange(3), pos_n], pos_n, cache.k_BKSE, cache.v_BKSE)
+            torch.testing.assert_close(logits_nV, full_BTV[torch.arange(3), pos_n], rtol=0, atol=1e-5)
+            pos_n = pos_n + 1
+        rows_n, pos_n = torch.arange(2), pos_n[:2]  # a batch of fewer rows uses the cache's first rows
+        two_nV = decode_step(model, seq[rows_n, pos_n], pos_n, cache.k_BKSE, cache.v_BKSE)
+        torch.testing.assert_close(two_nV, full_BTV[rows_n, pos_n], rtol=0, atol=1e-5)
 
 
 def test_amber_7b_parameter_count_on_meta():

@@ -34,7 +34,7 @@ def test_run_all_stages_then_nothing_to_do(tmp_path: Path, capsys):
             "--set", "analysis.memorization.prompt_tokens=16",
             "--set", "analysis.memorization.continuation_tokens=16"]
     assert cli_main(args) == 0
-    table = capsys.readouterr().err.split("llm360 run:")[-1]  # the closing table: one row per stage
+    table = capsys.readouterr().out.split("llm360 run:")[-1]  # the closing table: one row per stage
     cells = " ".join(re.sub(r"[│┃┏┓┡┩└┘━─┳╇┴]", " ", table).split())
     assert "memorization 3 checkpoints scored" in cells and "verify verified, chunk 002 replayed bitwise" in cells
     for rel in ("data/manifest.json", "checkpoints/ckpt_002/COMPLETE.json", "eval/summary.json",

@@ -22,12 +22,31 @@ from llm360.errors import DataError, RunDirError
 from llm360.rundir.data import DataStore, StepIndex
 
 
+def other_data(cfg):
+    """cfg with another data set (seq_len 16)."""
+    raw = cfg.model_dump(mode="json")
+    raw["data"]["seq_len"] = 16
+    return validate_config(raw)
+
+
 def tree_hashes(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def hidden_data_entries(run: Path) -> list[str]:
+    """What a prepare keeps beside data/ while it runs (its build, scratch, a moved-aside data/)."""
+    return sorted(p.name for p in run.iterdir() if p.name.startswith(".data"))
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited: what a killed prepare's leftovers are named with."""
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
 
 
 def test_workers_1_and_2_give_byte_identical_data(tmp_path: Path):
@@ -161,14 +180,13 @@ def test_rerun_does_nothing_and_other_config_is_refused(tmp_path: Path):
     before = tree_hashes(run / "data")
     assert not prepare(cfg, run).built
     assert tree_hashes(run / "data") == before
-    raw = cfg.model_dump(mode="json")
-    raw["data"]["seq_len"] = 16
-    other = validate_config(raw)
+    other = other_data(cfg)
     with pytest.raises(RunDirError, match="different data set"):
         prepare(other, run)
     assert tree_hashes(run / "data") == before
     assert prepare(other, run, force=True).built
     assert DataStore(run / "data").seq_len == 16
+    assert hidden_data_entries(run) == []  # the old data set moved aside is gone too
     # a tampered file makes the data "different" too
     (run / "data" / "chunk_000.npy").write_bytes(b"junk")
     with pytest.raises(RunDirError):
@@ -179,12 +197,38 @@ def test_interrupted_build_leaves_no_data_and_is_cleaned(tmp_path: Path):
     cfg = small_config(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
-    (run / ".data.tmp-999").mkdir()
-    (run / ".data.tmp-999" / "chunk_000.npy").write_bytes(b"half")
-    (run / ".prepare-work-999").mkdir()
+    pid = dead_pid()
+    (run / f".data.tmp-{pid}").mkdir()
+    (run / f".data.tmp-{pid}" / "chunk_000.npy").write_bytes(b"half")
+    (run / f".data.work-{pid}").mkdir()  # a killed prepare's scratch
+    (run / f".data.work-{pid}" / "000.tokens.bin").write_bytes(b"scratch")
     prepare(cfg, run)
-    assert not list(run.glob(".data.tmp-*")) and not list(run.glob(".prepare-work-*"))
+    assert hidden_data_entries(run) == []
     assert (run / "data" / "manifest.json").is_file()
+
+
+def test_a_kill_between_the_renames_of_a_rebuild_keeps_the_data(tmp_path: Path):
+    """Killed after data/ was moved aside and before the rebuild was renamed in: the data come back."""
+    cfg = small_config(tmp_path)
+    run = tmp_path / "run"
+    assert prepare(cfg, run).built
+    before = tree_hashes(run / "data")
+    pid = dead_pid()
+    os.rename(run / "data", run / f".data.old-{pid}")  # the state the kill leaves
+    (run / f".data.tmp-{pid}").mkdir()  # the rebuild, finished or not, and its scratch
+    (run / f".data.tmp-{pid}" / "chunk_000.npy").write_bytes(b"new")
+    (run / f".data.work-{pid}").mkdir()
+    res = prepare(cfg, run)
+    assert not res.built  # restored, not rebuilt from the sources
+    assert tree_hashes(run / "data") == before
+    assert hidden_data_entries(run) == []
+
+    # the same kill during a --force rebuild with another config: the old data set is still the run's
+    os.rename(run / "data", run / f".data.old-{pid}")
+    with pytest.raises(RunDirError, match="different data set"):
+        prepare(other_data(cfg), run)
+    assert tree_hashes(run / "data") == before
+    assert DataStore(run / "data").seq_len == cfg.data.seq_len
 
 
 def test_bad_lines_are_counted_with_reasons(tmp_path: Path):
@@ -324,13 +368,13 @@ def test_cli_prepare_inspect_and_errors(tmp_path: Path, capsys):
     run = str(tmp_path / "run")
     assert cli_main(["--no-progress", "prepare", str(cfg_path), "--run-dir", run]) == 0
     assert cli_main(["--no-progress", "prepare", "--run-dir", run]) == 0  # uses the run's config
-    assert "nothing to do" in capsys.readouterr().err
+    assert "nothing to do" in capsys.readouterr().out
     assert cli_main(["--no-progress", "inspect", "chunk", "--run-dir", run, "--chunk", "1", "--row", "2"]) == 0
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out
     assert "chunk 001 row 2" in out and ".jsonl:" in out
     assert cli_main(["--no-progress", "inspect", "batch", "--run-dir", run, "--step", "3",
                      "--global-batch", "4"]) == 0
-    assert "step 3" in capsys.readouterr().err
+    assert "step 3" in capsys.readouterr().out
     assert cli_main(["--no-progress", "inspect", "chunk", "--run-dir", run, "--chunk", "9", "--row", "0"]) == 2
     assert "chunk 9 does not exist" in capsys.readouterr().err
     assert cli_main(["--no-progress", "prepare", str(cfg_path), "--run-dir", run,

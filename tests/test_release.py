@@ -12,7 +12,8 @@ from llm360.cli import main as cli_main
 from llm360.data.prepare import prepare
 from llm360.release.build import SUMS, is_pickle, release
 from llm360.release.verify import verify
-from llm360.train.loop import INJECT_ENV, train
+from llm360.train import train
+from llm360.train.faults import INJECT_ENV
 from test_train import tiny_run_config
 
 
@@ -112,7 +113,7 @@ def test_replay_detects_a_tampered_checkpoint(trained, tmp_path: Path):
     res = ckpt.load_checkpoint(folder, model, opt)
     with torch.no_grad():
         model.lm_head.weight.add_(1e-3)
-    extra = {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in ckpt.RESERVED}
+    extra = {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in ckpt.CHECKPOINT_FILES}
     ckpt.save_checkpoint(folder, model_state=model.state_dict(), optimizer=opt, param_names=model,
                          trainer_state=res["trainer_state"], rng_state=res["rng_state"], extra_files=extra)
     write_sums(out)
@@ -222,4 +223,4 @@ def test_cli_release_and_verify(trained, tmp_path: Path, capsys):
     b[200] ^= 0xFF
     p.write_bytes(bytes(b))
     assert cli_main(["--no-progress", "verify", out]) == 1
-    assert "sha256 mismatch: data/chunk_000.npy" in capsys.readouterr().err
+    assert "sha256 mismatch: data/chunk_000.npy" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -20,7 +21,8 @@ from llm360.config import validate_config
 from llm360.data.prepare import prepare
 from llm360.errors import CheckpointError, ConfigError, DataError, RunDirError
 from llm360.rundir import checkpoint as ckpt
-from llm360.train.loop import INJECT_ENV, TrainingStopped, train
+from llm360.train import TrainingStopped, train
+from llm360.train.faults import INJECT_ENV
 
 
 def tiny_run_config(tmp: Path, **train_overrides):
@@ -245,7 +247,7 @@ def test_loss_spikes_follow_their_policy(tmp_path: Path, policy: str):
 
 
 def test_injection_spec_is_checked():
-    from llm360.train.loop import parse_injections
+    from llm360.train.faults import parse_injections
 
     assert parse_injections(" 4, 9:x20 ,") == {4: None, 9: 20.0}
     with pytest.raises(ConfigError, match="'9:y2' is not STEP or STEP:xFACTOR"):
@@ -359,3 +361,105 @@ def test_tensorboard_sink_and_missing_wandb_is_a_clear_error(tmp_path: Path):
         train(cfg2, tmp_path / "run2")
         runs = list((tmp_path / "run2" / "metrics" / "wandb").glob("offline-run-*"))
         assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_guards_decide_and_never_act():
+    from llm360.config import GuardConfig
+    from llm360.train.guards import REPLAYED_SKIP, StepGuard
+
+    guard = StepGuard(GuardConfig(nonfinite_policy="rollback_reseed", spike_factor=3.0, spike_window=20,
+                                  spike_policy="record", max_rollbacks=2), recorded_skips={7})
+    window = [2.0] * 12
+    assert guard.check(3, 2.1, 0.5, window).applies_update and guard.check(3, 2.1, 0.5, window).event is None
+    spike = guard.check(3, 9.0, 0.5, window)  # recorded, trained on
+    assert spike.applies_update and spike.event == "loss_spike" and dict(spike.fields) == {"loss": 9.0, "median": 2.0}
+    assert guard.check(3, 9.0, 0.5, window[:5]).event is None  # too few losses to tell a spike
+    nan = guard.check(3, float("nan"), 0.5, window)
+    assert nan.policy == "rollback_reseed" and nan.rolls_back and nan.reason == "non-finite loss"
+    assert guard.within_budget(nan, 1) is nan
+    stop = guard.within_budget(nan, 2)
+    assert stop.policy == "stop" and stop.fields["reason"] == "non-finite loss; max_rollbacks reached"
+    assert "2 rollbacks were already made" in stop.note
+    replayed = guard.check(7, 2.0, float("inf"), window)  # the original run's skip comes first
+    assert replayed.policy == "skip_step" and replayed.reason == REPLAYED_SKIP
+    assert dict(replayed.fields) == {"reason": REPLAYED_SKIP, "loss": 2.0, "grad_norm": float("inf")}
+
+
+def test_fault_injector_hits_each_step_once(monkeypatch):
+    from llm360.train.faults import INJECT_ENV, FaultInjector
+
+    monkeypatch.setenv(INJECT_ENV, "1,2:x4")
+    faults = FaultInjector.from_env()
+    model = torch.nn.Linear(2, 2)
+    model(torch.ones(1, 2)).sum().backward()
+    grad = model.weight.grad.clone()
+    loss = torch.tensor(1.5, dtype=torch.float64)
+    faults.after_backward(0, loss, model)
+    assert loss.item() == 1.5 and torch.equal(model.weight.grad, grad)
+    faults.after_backward(2, loss, model)
+    assert loss.item() == 6.0 and torch.equal(model.weight.grad, grad * 4)
+    faults.after_backward(2, loss, model)  # once: a rollback trains the step again, clean
+    assert loss.item() == 6.0
+    faults.after_backward(1, loss, model)
+    assert math.isnan(loss.item()) and torch.isnan(model.weight.grad).any()
+
+
+def test_metrics_truncation_is_atomic(tmp_path: Path):
+    from llm360.train.metrics import truncate_jsonl_from_step
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(5)) + '{"step": 5, "lo')
+    assert truncate_jsonl_from_step(path, 3) == 3  # steps 3 and 4, and the line a kill cut
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]  # no temporary file left
+    assert truncate_jsonl_from_step(path, 3) == 0
+
+
+def test_sharded_copy_leftovers_are_removed(tmp_path: Path):
+    from llm360.rundir.atomic import temp_name
+    from llm360.train.parallel import remove_sharded_leftovers
+
+    dcp = tmp_path / "dcp"
+    for name in ("ckpt_000", temp_name("ckpt_001", pid=1), temp_name("ckpt_000", "old", pid=1)):
+        (dcp / name).mkdir(parents=True)
+    remove_sharded_leftovers(dcp)
+    assert sorted(p.name for p in dcp.iterdir()) == ["ckpt_000"]
+
+
+def test_replay_api_follows_the_record(tmp_path: Path):
+    """replay_chunk re-trains a chunk from its previous checkpoint with the original run's decisions."""
+    from llm360.rundir.data import DataStore
+    from llm360.train import replay_chunk
+
+    cfg = tiny_run_config(tmp_path, guards={"nonfinite_policy": "rollback_skip_chunk"})
+    run = tmp_path / "run"
+    prepare(cfg, run)
+    spc = DataStore(run / "data").step_index(8).steps_per_chunk
+    assert _train_injected(cfg, run, str(spc[0] + 2))["skipped_chunks"] == [1]
+    ck = run / "checkpoints"
+    first = replay_chunk(run, 0, work_dir=tmp_path / "replay0")
+    assert first.bitwise and first.device == "cpu" and not first.skipped_chunk
+    assert first.checkpoint == tmp_path / "replay0" / "checkpoints" / "ckpt_000"
+    for name, t in weights(ck / "init").items():
+        assert torch.equal(first.init_state[name], t)
+    for name, t in weights(ck / "ckpt_000").items():
+        assert torch.equal(first.model_state[name], t)
+    skipped = replay_chunk(run, 1)  # skipped by the guard: the previous state, saved again
+    assert skipped.skipped_chunk and skipped.init_state is None and skipped.checkpoint is None
+    for name, t in weights(ck / "ckpt_001").items():
+        assert torch.equal(skipped.model_state[name], t)
+    opt = load_file(str(ck / "ckpt_001" / "optimizer.safetensors"))
+    assert opt.keys() == skipped.optimizer_state.keys()
+    assert all(torch.equal(opt[k], skipped.optimizer_state[k]) for k in opt)
+    with pytest.raises(CheckpointError, match="ckpt_007 is not in"):
+        replay_chunk(run, 7)
+
+
+def test_verify_replays_through_the_public_api():
+    import inspect
+
+    from llm360.release import verify
+
+    src = inspect.getsource(verify.replay_chunk)
+    assert "llm360.train import replay_chunk" in src
+    assert "Trainer" not in inspect.getsource(verify) and "train.loop" not in inspect.getsource(verify)

@@ -1,8 +1,9 @@
-"""Logging and progress display.
+"""Logging and progress display, on stderr.
 
 Library code logs through ``logging.getLogger(__name__)`` and shows long work with
 :func:`progress`; the CLI decides whether that becomes a rich display (a terminal) or stays quiet
-(tests, pipes).
+(tests, pipes). Both go to stderr, and so do the CLI's error messages (:data:`console`); a
+command's results go to stdout (:mod:`llm360.console`), so a pipe or a redirect gets them alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+"""stderr: logs, progress bars and error messages (never a command's result)."""
 _progress_enabled = False
 
 

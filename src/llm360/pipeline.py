@@ -19,6 +19,7 @@ from pathlib import Path
 from llm360.config import RunConfig
 from llm360.errors import Llm360Error
 from llm360.rundir.atomic import atomic_write_text
+from llm360.rundir.layout import STEPS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ _INPUTS = ("config.yaml", "data", "checkpoints", "metrics", "eval", "analysis", 
 class VerificationFailed(Llm360Error):
     """The release of this run did not verify."""
 
+    exit_code = 1  # a check failed, not a usage error
+
 
 def fingerprint(run_dir: Path, *, with_report: bool = True) -> str:
     """A hash of the names, sizes and modification times of the files the release is made of."""
@@ -37,9 +40,11 @@ def fingerprint(run_dir: Path, *, with_report: bool = True) -> str:
         base = run_dir / top
         paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
         for p in paths:
-            rel = p.relative_to(run_dir).as_posix()
-            if "/steps/" in f"/{rel}" or any(part.startswith(".") for part in p.relative_to(run_dir).parts):
+            parts = p.relative_to(run_dir).parts
+            # intra-chunk checkpoints are not released; hidden entries are writes in progress or leftovers
+            if STEPS_DIR in parts[:-1] or any(part.startswith(".") for part in parts):
                 continue
+            rel = p.relative_to(run_dir).as_posix()
             st = p.stat()
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()

@@ -27,9 +27,12 @@ worker (``block_tokens``), never by the size of the training data.
 
 Output: ``<run>/analysis/contamination/<task>.json`` per task. Chunk ``c`` is first trained into
 checkpoint ``ckpt_c``, so the chunks that hold an example's n-grams say from which checkpoint on
-the model has seen it. A task whose result is there (same n, data, tokenizer and examples) is not
-recomputed; a task that cannot be read (a JSONL line that does not parse, an lm-eval task whose data
-is not available offline) is reported and the others still run.
+the model has seen it; a chunk a guard skipped (``rollback_skip_chunk``, in the run's
+:func:`~llm360.rundir.data.read_training_record`) holds data no checkpoint has seen. A task whose
+result is there (same n, data, tokenizer, examples and skipped chunks) is not recomputed; one that
+differs only in the chunks training has skipped since is recomputed; a task that cannot be read
+(a JSONL line that does not parse, an lm-eval task whose data is not available offline) is
+reported and the others still run.
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llm360.analysis import AnalysisError, AnalysisResult, ContaminationConfig
+from llm360.analysis import AnalysisError, AnalysisResult
+from llm360.config import ContaminationConfig
 from llm360.errors import Llm360Error
 from llm360.rundir.atomic import write_json
-from llm360.rundir.layout import RunDir, index_name
+from llm360.rundir.layout import RunDir, ckpt_name
 from llm360.utils import read_json
 
 if TYPE_CHECKING:  # imported where used: scan workers import this module and need numpy only
@@ -69,7 +73,8 @@ CLEAN_BELOW = 0.2
 """Llama 2 (appendix A.6): an example with less than 20% contaminated tokens is clean."""
 DIRTY_AT_LEAST = 0.8
 """Llama 2 (appendix A.6): an example with 80% or more contaminated tokens is dirty."""
-_P = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the polynomial hash
+HASH_P = 0x9E3779B97F4A7C15
+"""Odd 64-bit multiplier P of the n-gram polynomial hash (see :func:`ngram_hashes`)."""
 _MASK = (1 << 64) - 1
 _TOKENS_PER_WORKER = 16_000_000
 """Training tokens per worker process below which fewer processes are started."""
@@ -106,13 +111,13 @@ def ngram_hashes(tokens: np.ndarray, n: int, buffers: list[np.ndarray] | None = 
                 res_len = power_len
             else:  # res[i] = res[i] * P^power_len + power[i + res_len]
                 m = N - (res_len + power_len) + 1
-                np.multiply(res[:m], np.uint64(pow(_P, power_len, 1 << 64)), out=res[:m])
+                np.multiply(res[:m], np.uint64(pow(HASH_P, power_len, 1 << 64)), out=res[:m])
                 np.add(res[:m], power[res_len : res_len + m], out=res[:m])
                 res_len += power_len
         if n >> (bit + 1) == 0:
             break
         m = N - 2 * power_len + 1  # power'[i] = power[i] * P^power_len + power[i + power_len]
-        np.multiply(power[:m], np.uint64(pow(_P, power_len, 1 << 64)), out=spare[:m])
+        np.multiply(power[:m], np.uint64(pow(HASH_P, power_len, 1 << 64)), out=spare[:m])
         np.add(spare[:m], power[power_len : power_len + m], out=spare[:m])
         power, spare = spare, power
         power_len *= 2
@@ -120,12 +125,12 @@ def ngram_hashes(tokens: np.ndarray, n: int, buffers: list[np.ndarray] | None = 
     return res[: N - n + 1]
 
 
-def _bitmap_bits(unique: int) -> int:
+def bitmap_bits(unique: int) -> int:
     """Bits b of the bitmap (2^b slots): about 32 slots per hash, between 2^16 and 2^32."""
     return int(min(32, max(16, int(np.ceil(np.log2(max(unique, 1) * 32))))))
 
 
-def _make_bitmap(hashes: np.ndarray, bits: int) -> np.ndarray:
+def make_bitmap(hashes: np.ndarray, bits: int) -> np.ndarray:
     """2^bits bits, bit i set when some hash has top bits i (bit i is bit i % 8 of byte i // 8)."""
     slots = np.zeros(1 << bits, dtype=bool)
     slots[(hashes >> np.uint64(64 - bits)).astype(np.int64)] = True
@@ -135,7 +140,7 @@ def _make_bitmap(hashes: np.ndarray, bits: int) -> np.ndarray:
 _BIT_MASKS = (1 << np.arange(8)).astype(np.uint8)
 
 
-def _bitmap_candidates(
+def bitmap_candidates(
     h: np.ndarray, bitmap: np.ndarray, bits: int, buffers: list[np.ndarray] | None = None
 ) -> np.ndarray:
     """Positions of h whose top ``bits`` bits are set in the bitmap (reusing ``buffers`` like ngram_hashes)."""
@@ -269,7 +274,7 @@ def _scan_block(path: str, row_start: int, row_end: int) -> tuple[np.ndarray, ..
     flat = np.ascontiguousarray(arr[row_start:row_end]).reshape(-1)
     del arr
     h = ngram_hashes(flat, n, _W.setdefault("buffers", []))
-    cand = _bitmap_candidates(h, bitmap, bits, _W.setdefault("bitmap_buffers", []))  # ~3% of positions
+    cand = bitmap_candidates(h, bitmap, bits, _W.setdefault("bitmap_buffers", []))  # ~3% of positions
     j = _lookup(h[cand], hashes, _W["starts"], _W["bucket_bits"])
     keep = (j >= 0) & (cand % L <= L - n)  # an exact hash match inside one row
     cand, j = cand[keep], j[keep]
@@ -336,9 +341,9 @@ def scan_training_data(
     if U == 0:
         res.seconds = time.perf_counter() - t0
         return res
-    bits = _bitmap_bits(U)
+    bits = bitmap_bits(U)
     starts, bucket_bits = _bucket_starts(index.hashes)
-    state = {"n": index.n, "bits": bits, "hashes": index.hashes, "bitmap": _make_bitmap(index.hashes, bits),
+    state = {"n": index.n, "bits": bits, "hashes": index.hashes, "bitmap": make_bitmap(index.hashes, bits),
              "tokens": index.tokens, "rep_start": index.rep_start, "starts": starts,
              "bucket_bits": bucket_bits}  # fmt: skip
     items = _work_items(store, block_tokens)
@@ -649,7 +654,7 @@ def analyze_contamination(
     are scanned together in one pass over the chunks.
     """
     from llm360.data.tokenizer import load_saved
-    from llm360.rundir.data import DataStore
+    from llm360.rundir.data import DataStore, read_training_record
 
     cfg = cfg or ContaminationConfig()
     specs = list(tasks if tasks is not None else cfg.tasks)
@@ -666,13 +671,14 @@ def analyze_contamination(
     result.failed.update(failed)
     out.mkdir(parents=True, exist_ok=True)
     data_fp = hashlib.sha256(json.dumps([c.get("sha256") for c in store.manifest["chunks"]]).encode()).hexdigest()
+    skipped = sorted(read_training_record(run.root).skipped_chunks)  # a guard skipped them: never seen
 
     todo: list[tuple[TaskDocs, dict]] = []
     for d in docs:
         settings = {
             "ngram": cfg.ngram, "data_fingerprint": data_fp, "tokenizer_sha256": meta_tok.get("sha256"),
             "examples_sha256": hashlib.sha256(json.dumps(d.texts, ensure_ascii=False).encode()).hexdigest(),
-            "examples": len(d.texts),
+            "examples": len(d.texts), "skipped_chunks": skipped,
         }  # fmt: skip
         path = out / f"{d.name}.json"
         if path.is_file() and not force:
@@ -685,6 +691,10 @@ def analyze_contamination(
                 continue
             if have.get("format") == FORMAT:
                 diff = [k for k in settings if have.get("settings", {}).get(k) != settings[k]]
+                if diff == ["skipped_chunks"]:  # training went on and a guard skipped a chunk: redo it
+                    logger.info("contamination of %s: recomputed, training skipped other chunks since", d.name)
+                    todo.append((d, settings))
+                    continue
                 result.failed[d.name] = (
                     f"{path} was computed with other {', '.join(diff)} (the task's examples, n, the data "
                     "or the tokenizer changed); pass --force to replace it"
@@ -712,7 +722,7 @@ def analyze_contamination(
     logger.info("scanned %.1f M training tokens in %.1f s (%.1f M tokens/s)", scan.tokens / 1e6, scan.seconds,
                 scan.tokens / 1e6 / max(scan.seconds, 1e-9))
     for t, (d, settings) in enumerate(todo):
-        report = task_report(index, scan, t, store, tokenizer, cfg.examples, d.texts)
+        report = task_report(index, scan, t, store, tokenizer, cfg.examples, d.texts, skipped)
         write_json(out / f"{d.name}.json", {"format": FORMAT, "version": VERSION, "task": d.name,
                                              "source": d.source, "settings": settings, **report})
         result.computed.append(d.name)
@@ -720,9 +730,16 @@ def analyze_contamination(
 
 
 def task_report(
-    index: EvalIndex, scan: ScanResult, t: int, store: DataStore, tokenizer: Any, examples: int, texts: list[str]
-) -> dict[str, Any]:
-    """The numbers of task t (see the module docstring for the definitions)."""
+    index: EvalIndex, scan: ScanResult, t: int, store: DataStore, tokenizer: Any, examples: int, texts: list[str],
+    skipped_chunks: Sequence[int] = (),
+) -> dict[str, Any]:  # fmt: skip
+    """The numbers of task t (see the module docstring for the definitions).
+
+    Where an example is in the data (``per_example.first_chunk``, ``chunks``) counts every chunk;
+    what a checkpoint has seen (``first_checkpoint_that_saw_it``, ``per_example.first_seen_chunk``,
+    ``contaminated_examples_seen_by_checkpoint``) leaves out ``skipped_chunks``, the chunks a guard
+    skipped, which no checkpoint was trained on.
+    """
     n = index.n
     found_g = scan.count[index.ngram_unique] > 0
     # contaminated tokens: covered by a found n-gram (difference array over the concatenated tokens)
@@ -744,6 +761,14 @@ def task_report(
     first_chunk = first_chunk_e[ex]
     any_hit = first_chunk < big
     first_chunk = np.where(any_hit, first_chunk, -1)
+    skipped = {int(c) for c in skipped_chunks}
+    first_seen_e = np.full(index.num_examples, big, dtype=np.int64)
+    for c, exs in scan.chunk_examples.items():  # the earliest trained chunk holding one of its n-grams
+        if c not in skipped:
+            first_seen_e[exs] = np.minimum(first_seen_e[exs], c)
+    first_seen = first_seen_e[ex]
+    seen_hit = first_seen < big
+    first_seen = np.where(seen_hit, first_seen, -1)
     E = len(ex)
 
     def bucket(mask: np.ndarray) -> dict[str, Any]:
@@ -755,10 +780,10 @@ def task_report(
     for c in sorted(scan.chunk_examples):
         mine = [local[int(e)] for e in scan.chunk_examples[c] if int(e) in local]
         if mine:
-            chunks.append({"chunk": c, "checkpoint": f"ckpt_{index_name(c)}", "examples": len(mine),
-                           "ngram_occurrences": int(scan.chunk_task_hits[t, c])})  # fmt: skip
-    seen_by = [int((any_hit & (first_chunk <= c)).sum()) for c in range(store.num_chunks)]
-    first_ckpt = int(first_chunk[any_hit].min()) if any_hit.any() else None
+            chunks.append({"chunk": c, "checkpoint": ckpt_name(c), "examples": len(mine),
+                           "ngram_occurrences": int(scan.chunk_task_hits[t, c]), "skipped": c in skipped})  # fmt: skip
+    seen_by = [int((seen_hit & (first_seen <= c)).sum()) for c in range(store.num_chunks)]
+    first_ckpt = int(first_seen[seen_hit].min()) if seen_hit.any() else None
     return {
         "ngram": n,
         "examples": E,
@@ -775,10 +800,13 @@ def task_report(
         "thresholds": {"clean_below": CLEAN_BELOW, "dirty_at_least": DIRTY_AT_LEAST,
                        "source": "Llama 2 (Touvron et al. 2023, arXiv:2307.09288), appendix A.6"},  # fmt: skip
         "chunks": chunks,
-        "first_checkpoint_that_saw_it": f"ckpt_{index_name(first_ckpt)}" if first_ckpt is not None else None,
+        "skipped_chunks": sorted(skipped),
+        "first_checkpoint_that_saw_it": ckpt_name(first_ckpt) if first_ckpt is not None else None,
         "contaminated_examples_seen_by_checkpoint": seen_by,
-        "per_example": {"contamination": [round(float(s), 4) for s in share], "first_chunk": first_chunk.tolist()},
-        "top_examples": _top_examples(index, scan, ex, share, first_chunk, store, tokenizer, examples, texts),
+        "per_example": {"contamination": [round(float(s), 4) for s in share], "first_chunk": first_chunk.tolist(),
+                        "first_seen_chunk": first_seen.tolist()},
+        "top_examples": _top_examples(index, scan, ex, share, first_chunk, first_seen, skipped, store, tokenizer,
+                                      examples, texts),
         "scan": {"training_tokens": scan.tokens, "seconds": round(scan.seconds, 3),
                  "tokens_per_second": round(scan.tokens / max(scan.seconds, 1e-9))},  # fmt: skip
     }
@@ -786,7 +814,7 @@ def task_report(
 
 def _top_examples(
     index: EvalIndex, scan: ScanResult, ex: np.ndarray, share: np.ndarray, first_chunk: np.ndarray,
-    store: DataStore, tokenizer: Any, k: int, texts: list[str],
+    first_seen: np.ndarray, skipped: set[int], store: DataStore, tokenizer: Any, k: int, texts: list[str],
 ) -> list[dict[str, Any]]:  # fmt: skip
     order = sorted((i for i in range(len(ex)) if first_chunk[i] >= 0), key=lambda i: (-share[i], i))[:k]
     out = []
@@ -807,7 +835,9 @@ def _top_examples(
             "contamination": round(float(share[i]), 4),
             "text": texts[i][:500],
             "matched_ngram": tokenizer.decode(index.tokens[start : start + n].tolist()),
-            "first_occurrence": {"chunk": c, "row": r, "position": col, "checkpoint": f"ckpt_{index_name(c)}"},
+            "first_occurrence": {"chunk": c, "row": r, "position": col, "checkpoint": ckpt_name(c),
+                                 "skipped": c in skipped},
+            "first_seen_by": ckpt_name(int(first_seen[i])) if first_seen[i] >= 0 else None,
             "training_context": tokenizer.decode(row[max(0, col - 16) : col + n + 16].tolist()),
             "ngram_occurrences": int(scan.count[u].sum()),
         })  # fmt: skip

@@ -4,7 +4,8 @@ The score (LLM360 paper, section 4.3, after Biderman et al. 2023): take a traini
 first ``k`` tokens as the prompt, generate ``l`` tokens greedily, and count the share of generated
 tokens equal to the row's true tokens ``k .. k+l-1`` at the same position. A row is
 *k-extractible* when the score is 1. The paper uses k = l = 32 and 1000 rows per chunk, and scores
-every checkpoint on every chunk, those it has seen (chunks ``0..i`` for ``ckpt_i``) and the rest.
+every checkpoint on every chunk, those it has seen (chunks ``0..i`` for ``ckpt_i``, less those a
+guard skipped: :func:`~llm360.rundir.data.read_training_record`) and the rest.
 
 Exact and fast. Greedy generation equals the true continuation up to the first position where the
 model's prediction given the *true* prefix is wrong. So a teacher-forced forward pass over
@@ -46,8 +47,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import re
 import time
 import zipfile
 from collections.abc import Sequence
@@ -58,13 +57,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm360.analysis import AnalysisError, AnalysisResult, MemorizationConfig
+from llm360.analysis import AnalysisError, AnalysisResult
+from llm360.config import MemorizationConfig
 from llm360.errors import CheckpointError, Llm360Error
 from llm360.log import ProgressTask, progress
 from llm360.model.llama import KVCache, Llama, decode_step
-from llm360.rundir.atomic import fsync_dir, write_json
-from llm360.rundir.data import DataStore
-from llm360.rundir.layout import RunDir
+from llm360.model.load import load_model, resolve_device
+from llm360.rundir.atomic import atomic_path, write_json
+from llm360.rundir.checkpoint import read_marker, verify_checkpoint
+from llm360.rundir.data import DataStore, read_training_record
+from llm360.rundir.layout import MODEL_FILE, RunDir, list_checkpoints
 from llm360.utils import read_json
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "llm360-memorization"
 VERSION = 1
 OUT_SUBDIR = ("analysis", "memorization")
-MARKER = "COMPLETE.json"
-_CKPT_RE = re.compile(r"ckpt_(\d{3,})")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that make two results comparable; any difference means "computed differently".
 _IDENTITY = ("prompt_tokens", "continuation_tokens", "rows_per_chunk", "seed", "dtype", "suppress_eos",
@@ -321,54 +321,20 @@ def _gather(store: DataStore, chunk_N: np.ndarray, row_N: np.ndarray, width: int
 
 def find_checkpoints(checkpoints_dir: Path) -> list[tuple[int, str, Path]]:
     """(chunk index, name, folder) of every ``ckpt_NNN`` folder, by index (temporary folders ignored)."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = []
-    for p in checkpoints_dir.iterdir():
-        m = _CKPT_RE.fullmatch(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p.name, p))
-    return sorted(found)
+    return [(i, p.name, p) for i, p in list_checkpoints(checkpoints_dir)]
 
 
 def check_complete(folder: Path) -> None:
     """Raise CheckpointError unless folder is a complete checkpoint (marker present, every hash right)."""
-    try:
-        from llm360.rundir.checkpoint import verify_checkpoint
-    except ImportError:  # the trainer's module is optional here; the marker is the contract
-        if not (folder / MARKER).is_file():
-            raise CheckpointError(f"checkpoint {folder} has no {MARKER}") from None
-        return
     verify_checkpoint(folder)
 
 
 def _model_sha256(folder: Path) -> str | None:
+    """The weights' sha256 as the checkpoint's marker lists it; None without a (valid) marker."""
     try:
-        return str(read_json(folder / MARKER)["files"]["model.safetensors"]["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return str(read_marker(folder)[MODEL_FILE]["sha256"])
+    except (CheckpointError, KeyError):
         return None
-
-
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> Llama:
-    """Our Llama with the weights of a Hugging Face model folder, in eval mode."""
-    from llm360.model.hf import load_hf_folder
-
-    cfg, sd = load_hf_folder(folder)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    model = model.to_empty(device=device)
-    if cfg.tie_embeddings:  # to_empty gives each module its own tensor; tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.load_state_dict(sd)
-    return model.to(dtype).eval()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AnalysisError("analysis.memorization.device = cuda, but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------- files
@@ -376,13 +342,8 @@ def resolve_device(name: str) -> torch.device:
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez to a temporary file, fsync, rename: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -450,6 +411,7 @@ def analyze_memorization(
     }  # fmt: skip
     chunk_N, row_N = _samples(out, store, cfg, settings, force)
     result = AnalysisResult("memorization", out)
+    skipped = sorted(read_training_record(run.root).skipped_chunks)  # a guard skipped them: never seen
 
     found = find_checkpoints(run.checkpoints)
     if checkpoints is not None:
@@ -477,18 +439,19 @@ def analyze_memorization(
 
     eos_id = int(store.manifest["eos_id"]) if cfg.suppress_eos else None
     if todo:
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device, where="analysis.memorization.device")
         ids_NT = _gather(store, chunk_N, row_N, k + L)
         with progress("memorization", total=len(todo) * len(row_N), unit="rows") as bar:
             for idx, name, path in todo:
                 try:
-                    _one_checkpoint(out, idx, name, path, ids_NT, chunk_N, row_N, cfg, settings, device, eos_id, bar)
+                    _one_checkpoint(out, idx, name, path, ids_NT, chunk_N, row_N, cfg, settings, device, eos_id, bar,
+                                    skipped)
                     result.computed.append(name)
                 except Llm360Error as e:
                     result.failed[name] = f"skipped: {e}"  # reported by the caller (result.failed)
                     logger.debug("%s: skipped: %s", name, e)
                     bar.advance(len(row_N))
-    result.summary = write_summary(out, store.num_chunks, settings)
+    result.summary = write_summary(out, store.num_chunks, settings, skipped)
     return result
 
 
@@ -516,6 +479,7 @@ def _samples(out: Path, store: DataStore, cfg: MemorizationConfig, settings: dic
 def _one_checkpoint(
     out: Path, idx: int, name: str, path: Path, ids_NT: np.ndarray, chunk_N: np.ndarray, row_N: np.ndarray,
     cfg: MemorizationConfig, settings: dict, device: torch.device, eos_id: int | None, bar: ProgressTask,
+    skipped: Sequence[int] = (),
 ) -> None:  # fmt: skip
     check_complete(path)
     model_sha = _model_sha256(path)
@@ -531,7 +495,7 @@ def _one_checkpoint(
         arrays["generated"] = scores.generated.astype(np.int32)
     (out / f"{name}.json").unlink(missing_ok=True)  # the .json marks a finished result: drop it first
     _save_npz(out / f"{name}.npz", **arrays)
-    seen = chunk_N <= idx
+    seen = (chunk_N <= idx) & ~np.isin(chunk_N, skipped)
     write_json(out / f"{name}.json", {
         "format": FORMAT, "version": VERSION, "checkpoint": name, "chunk": idx,
         "settings": settings, "device": str(device), "torch": torch.__version__,
@@ -551,8 +515,10 @@ def _mean(x: np.ndarray) -> float | None:
 # ------------------------------------------------------------------------------------ summary
 
 
-def write_summary(out: Path, num_chunks: int, settings: dict) -> Path | None:
+def write_summary(out: Path, num_chunks: int, settings: dict, skipped_chunks: Sequence[int] = ()) -> Path | None:
     """Rebuild ``summary.json`` from every per-checkpoint result with these settings; None if none.
+
+    A checkpoint has seen the chunks up to its own, except ``skipped_chunks`` (skipped by a guard).
 
     * ``distribution`` (fig. 7): per checkpoint, over the rows of the chunks it has seen: how many
       rows scored j/l for j = 0..l, the mean score and the share of k-extractible rows (score 1);
@@ -595,7 +561,7 @@ def write_summary(out: Path, num_chunks: int, settings: dict) -> Path | None:
     chunks = np.arange(num_chunks)
     dist, dist_unseen, per_chunk = {}, {}, {}
     for j, name in enumerate(names):
-        seen = chunk_N <= ckpt_chunk[j]
+        seen = (chunk_N <= ckpt_chunk[j]) & ~np.isin(chunk_N, skipped_chunks)
         for target, sel in ((dist, seen), (dist_unseen, ~seen)):
             target[name] = {
                 "rows": int(sel.sum()),
@@ -613,12 +579,13 @@ def write_summary(out: Path, num_chunks: int, settings: dict) -> Path | None:
         "format": FORMAT + "-summary", "version": VERSION, "settings": settings,
         "checkpoints": names, "checkpoint_chunk": ckpt_chunk.tolist(), "num_chunks": num_chunks,
         "rows_per_chunk": np.bincount(chunk_N, minlength=num_chunks).tolist(),
+        "skipped_chunks": [int(c) for c in skipped_chunks],
         "score_values": [j / L for j in range(L + 1)],
         "distribution": dist, "distribution_unseen": dist_unseen, "per_chunk": per_chunk,
         "correlation": {
             "rows": "rows of the chunks both checkpoints have seen (chunks 0..min(i, j))",
-            "score_pearson": _nested(_pearson_seen(X_CN, chunk_N, ckpt_chunk)),
-            "extractible_pearson": _nested(_pearson_seen(E_CN, chunk_N, ckpt_chunk)),
+            "score_pearson": _nested(_pearson_seen(X_CN, chunk_N, ckpt_chunk, skipped_chunks)),
+            "extractible_pearson": _nested(_pearson_seen(E_CN, chunk_N, ckpt_chunk, skipped_chunks)),
         },
     }  # fmt: skip
     path = out / "summary.json"
@@ -630,8 +597,11 @@ def _nested(m: np.ndarray) -> list[list[float | None]]:
     return [[None if not np.isfinite(v) else round(float(v), 6) for v in row] for row in m]
 
 
-def _pearson_seen(X_CN: np.ndarray, chunk_N: np.ndarray, ckpt_chunk: np.ndarray) -> np.ndarray:
-    """Pearson r of rows a and b of X over the samples of chunks <= min(ckpt_chunk[a], ckpt_chunk[b]).
+def _pearson_seen(
+    X_CN: np.ndarray, chunk_N: np.ndarray, ckpt_chunk: np.ndarray, skipped_chunks: Sequence[int] = ()
+) -> np.ndarray:
+    """Pearson r of rows a and b of X over the samples of chunks <= min(ckpt_chunk[a], ckpt_chunk[b]),
+    less the chunks a guard skipped.
 
     Running sums over chunks in order (one C x C Gram matrix update per chunk), so C checkpoints
     cost one pass over the N x C scores. NaN where a vector is constant.
@@ -644,10 +614,11 @@ def _pearson_seen(X_CN: np.ndarray, chunk_N: np.ndarray, ckpt_chunk: np.ndarray)
     last = int(ckpt_chunk.max()) if C else -1
     bounds = np.searchsorted(chunk_N, np.arange(last + 2), side="left")
     for c in range(last + 1):
-        X = X_CN[:, bounds[c] : bounds[c + 1]].astype(np.float64)
-        S_CC += X @ X.T
-        s_C += X.sum(axis=1)
-        n += X.shape[1]
+        if c not in skipped_chunks:
+            X = X_CN[:, bounds[c] : bounds[c + 1]].astype(np.float64)
+            S_CC += X @ X.T
+            s_C += X.sum(axis=1)
+            n += X.shape[1]
         for a in np.flatnonzero(ckpt_chunk == c):
             bs = np.flatnonzero(ckpt_chunk >= c)
             if n < 2:

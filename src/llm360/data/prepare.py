@@ -16,9 +16,11 @@ The pipeline, in the order it runs:
    stage's number of equal chunks (``chunk_000.npy`` ...) with their provenance.
 6. **Manifest.** Counts, hashes and every file's sha256, written last.
 
-Everything is built in a temporary folder and renamed to ``data/`` at the end, so a run
-directory never holds a half-written data set. The result depends only on the config: not on the
-number of workers or on anything else about the machine it ran on.
+Everything is built in a hidden folder beside ``data/`` and renamed to ``data/`` at the end
+(:func:`llm360.rundir.atomic.staged`, :func:`~llm360.rundir.atomic.install`), so a run directory
+never holds a half-written data set; what a killed prepare left is deleted, or renamed back, by
+the next one (:func:`~llm360.rundir.atomic.clean_leftovers`). The result depends only on the
+config: not on the number of workers or on anything else about the machine it ran on.
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import platform
-import shutil
 import struct
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from llm360 import __version__
-from llm360.config import DataConfig, RunConfig, SourceConfig, StageConfig, save_config
+from llm360.config import DataConfig, RunConfig, SourceConfig, StageConfig, to_yaml
 from llm360.data.documents import Document, Rejected, TokenRow, content_hash
 from llm360.data.tokenizer import (
     TextTokenizer,
@@ -52,7 +52,15 @@ from llm360.data.tokenizer import (
 )
 from llm360.errors import DataError, RunDirError
 from llm360.log import progress
-from llm360.rundir.atomic import fsync_dir, hold_lock, write_json
+from llm360.rundir.atomic import (
+    atomic_write_text,
+    clean_leftovers,
+    fsync_tree,
+    hold_lock,
+    install,
+    staged,
+    write_json,
+)
 from llm360.rundir.data import MANIFEST_VERSION, PROVENANCE_DTYPE
 from llm360.rundir.layout import RunDir, chunk_file, index_name, provenance_file
 from llm360.utils import read_json, sha256_file
@@ -267,29 +275,17 @@ class Preparer:
 
     # ---- driver -------------------------------------------------------------------------
     def build(self) -> dict:
-        root = self.run.root
-        root.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(root)
-        tmp = root / f".data.tmp-{os.getpid()}"
-        work = root / f".prepare-work-{os.getpid()}"
-        tmp.mkdir()
-        work.mkdir()
-        try:
+        """Build the data set in a hidden folder beside ``data/`` and rename it in (see the module docstring).
+
+        The scratch files (per-source tokens, packed stages) live in a hidden work folder that is
+        deleted however the build ends; what a killed build leaves is cleaned by :func:`prepare`.
+        """
+        final = self.run.data
+        with staged(final) as tmp, staged(final, "work") as work:
             manifest = self._build_into(tmp, work)
-            _fsync_tree(tmp)
-            final = self.run.data
-            old = None
-            if final.exists():
-                old = root / f".data.old-{os.getpid()}"
-                os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            return manifest
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            fsync_tree(tmp)
+            install(tmp, final)
+        return manifest
 
     def _build_into(self, out: Path, work: Path) -> dict:
         tok, tok_origin = self._tokenizer()
@@ -841,25 +837,6 @@ def _versions() -> dict:
     }
 
 
-def _clean_leftovers(root: Path) -> None:
-    for p in root.glob(".data.tmp-*"):
-        logger.info("removing an unfinished data build left by an interrupted prepare: %s", p.name)
-        shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".prepare-work-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".data.old-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for p in sorted([folder, *[d for d in folder.rglob("*") if d.is_dir()]]):
-        fsync_dir(p)
-
-
 # ------------------------------------------------------------------------------- front door
 
 
@@ -906,11 +883,14 @@ def prepare(cfg: RunConfig, run_dir: str | Path, *, workers: int = 1, force: boo
 
 def _prepare_locked(cfg: RunConfig, rd: RunDir, *, workers: int, force: bool) -> PrepareResult:
     run_dir = rd.root
+    # What a killed prepare left: its unfinished build and scratch are deleted, and a data/ it had
+    # moved aside to rename a rebuild in is renamed back, so the data set is never lost.
+    clean_leftovers(run_dir, only=rd.data.name)
     status = data_status(run_dir, cfg)
     if status == "complete":
         logger.info("data in %s is complete for this config (hash %s): nothing to do",
                     rd.data, cfg.data_hash()[:12])
-        save_config(cfg, rd.config)
+        atomic_write_text(rd.config, to_yaml(cfg))
         return PrepareResult(read_json(rd.manifest), built=False)
     if status == "different" or (rd.data.exists() and any(rd.data.iterdir())):
         have = "unreadable"
@@ -932,7 +912,7 @@ def _prepare_locked(cfg: RunConfig, rd: RunDir, *, workers: int, force: bool) ->
             )
         logger.warning("--force: rebuilding %s", rd.data)
     manifest = Preparer(cfg, run_dir, workers=workers).build()
-    save_config(cfg, rd.config)
+    atomic_write_text(rd.config, to_yaml(cfg))
     logger.info(
         "prepared %d chunks, %d rows, %d tokens into %s",
         manifest["num_chunks"], manifest["total_rows"], manifest["total_tokens"], rd.data,

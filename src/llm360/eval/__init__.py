@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm360.eval.config import EvalConfig
+from llm360.config import EvalConfig
 
-# Everything else is imported on first use: `llm360.config` imports this package for EvalConfig,
-# and every process that reads a config must not pay for torch, lm-eval and the runner.
+# Everything else is imported on first use: every process that imports this package for a name
+# must not pay for torch, lm-eval and the runner.
 _LAZY = {
     "TASKS_DIR": "llm360.eval.demo",
     "EvalTable": "llm360.eval.runner",

@@ -36,9 +36,9 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llm360.errors import ConfigError
-from llm360.eval.loading import load_llama, load_tokenizer, resolve_device
 from llm360.log import progress
 from llm360.model.llama import KVCache, Llama, decode_step
+from llm360.model.load import load_model, load_tokenizer, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +78,11 @@ class LLM360LM(TemplateLM):
             if dtype not in _DTYPES:
                 raise ConfigError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
             dtype = _DTYPES[dtype]
-        self._device = resolve_device(device)
+        self._device = resolve_device(device, where="device (llm360 lm-eval model)")
         if model is None:
             if pretrained is None:
                 raise ConfigError("the llm360 lm-eval model needs `pretrained` (a checkpoint folder) or `model`")
-            model = load_llama(pretrained, self._device, dtype)
+            model = load_model(pretrained, dtype, self._device)
         else:
             model = model.to(device=self._device, dtype=dtype).eval()
         self.model = model

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llm360.eval.config import EvalConfig
+from llm360.config import EvalConfig
 from llm360.eval.demo import TASKS_DIR
 from llm360.eval.specs import TaskSpec
 

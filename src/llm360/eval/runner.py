@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,21 +36,21 @@ from typing import Any
 import torch
 
 from llm360 import __version__
-from llm360.errors import CheckpointError, ConfigError, Llm360Error
-from llm360.eval.config import EvalConfig
+from llm360.config import EvalConfig
+from llm360.errors import CheckpointError, Llm360Error
 from llm360.eval.specs import TaskSpec, resolve_tasks
+from llm360.rundir import layout
 from llm360.rundir.atomic import atomic_write_text
-from llm360.rundir.layout import RunDir
-from llm360.utils import read_json, sha256_file
+from llm360.rundir.checkpoint import marker_sha256
+from llm360.rundir.layout import MARKER, RunDir, ckpt_name, has_marker, parse_ckpt_name
+from llm360.utils import read_json
 
 logger = logging.getLogger(__name__)
 
 RESULT_FORMAT = "llm360-eval-result"
 SUMMARY_FORMAT = "llm360-eval-summary"
-MARKER = "COMPLETE.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
-_CKPT_RE = re.compile(r"ckpt_(\d{3,})")
 _ROW_KEYS = ("checkpoint", "step", "tokens_seen")
 
 
@@ -105,11 +104,7 @@ class EvalTable:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """The chunk checkpoint folders ``checkpoints/ckpt_NNN`` in chunk order (complete or not)."""
-    root = RunDir(run_dir).checkpoints
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_RE.fullmatch(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in layout.list_checkpoints(RunDir(run_dir).checkpoints)]
 
 
 def list_models(run_dir: str | Path) -> list[Path]:
@@ -137,7 +132,7 @@ def _trainer_state(folder: Path) -> dict[str, Any]:
 def training_finished(run_dir: str | Path) -> bool:
     """Whether the trainer has written its last checkpoint (the last chunk, or train.max_chunks')."""
     rd = RunDir(run_dir)
-    ckpts = [p for p in list_checkpoints(rd.root) if (p / MARKER).is_file()]
+    ckpts = [p for _, p in layout.list_checkpoints(rd.checkpoints, complete_only=True)]
     if ckpts:
         cursor = _trainer_state(ckpts[-1]).get("data_cursor") or {}
         if "chunk" in cursor and cursor["chunk"] is None:  # the cursor is past the last step
@@ -157,7 +152,7 @@ def training_finished(run_dir: str | Path) -> bool:
         except (yaml.YAMLError, OSError, AttributeError):
             max_chunks = None
     last = (min(chunks, int(max_chunks)) if isinstance(max_chunks, int) and max_chunks > 0 else chunks) - 1
-    return (rd.ckpt_dir(last) / MARKER).is_file()
+    return has_marker(rd.ckpt_dir(last))
 
 
 def _selected(folders: list[Path], wanted: list[str] | None) -> list[Path]:
@@ -166,7 +161,7 @@ def _selected(folders: list[Path], wanted: list[str] | None) -> list[Path]:
     names = set()
     for w in wanted:
         w = w.strip()
-        names.add(f"ckpt_{int(w):03d}" if w.isdigit() else w)
+        names.add(ckpt_name(int(w)) if w.isdigit() else w)
     chosen = [p for p in folders if p.name in names]
     missing = names - {p.name for p in folders}
     if missing:
@@ -256,7 +251,7 @@ class _Results:
         if self.root.is_dir():
             # chunk checkpoints in chunk order, then fine-tuned models by name
             ckpt_dirs = sorted(
-                ((0, int(m.group(1)), p.name) if (m := _CKPT_RE.fullmatch(p.name)) else (1, 0, p.name), p)
+                ((0, i, p.name) if (i := parse_ckpt_name(p.name)) is not None else (1, 0, p.name), p)
                 for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
             )
             for _, d in ckpt_dirs:
@@ -381,11 +376,11 @@ class _Evaluator:
         complete: set[str] = set()
         for folder in _selected(list_models(self.rd.root), self.cfg.checkpoints):
             name = folder.name
-            if not (folder / MARKER).is_file():
+            if not has_marker(folder):
                 self._announce(name, f"still being written (no {MARKER} yet); it is evaluated once complete")
                 continue
             complete.add(name)
-            marker_sha = sha256_file(folder / MARKER)
+            marker_sha = marker_sha256(folder)
             pending = [
                 s for s in self.runnable
                 if (name, s.key, marker_sha) not in self._failed
@@ -404,15 +399,15 @@ class _Evaluator:
         return complete
 
     def _evaluate_checkpoint(self, folder: Path, marker_sha: str, pending: list[TaskSpec]) -> None:
-        from llm360.eval.loading import load_llama, resolve_device
+        from llm360.model.load import load_model, resolve_device
 
         name = folder.name
         self._marker_sha = marker_sha
-        device = resolve_device(self.cfg.device)
+        device = resolve_device(self.cfg.device, where="eval.device")
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
         logger.info("evaluating %s on %s: %s", name, device, ", ".join(s.key for s in pending))
         try:
-            model = load_llama(folder, device, dtype)
+            model = load_model(folder, dtype, device)
         except Exception as e:
             for spec in pending:
                 self._fail(name, spec, f"cannot load the checkpoint: {_message(e)}")
@@ -531,8 +526,9 @@ def evaluate(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise Llm360Error(f"run directory {run_dir} does not exist")
-    if cfg.device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"eval.device = {cfg.device}, but torch sees no CUDA device here; use cpu (or leave it null)")
+    from llm360.model.load import resolve_device
+
+    resolve_device(cfg.device, where="eval.device")  # a device that cannot work fails before any task runs
     ev = _Evaluator(run_dir, specs, cfg)
     with hub_access(cfg.allow_downloads):
         try:

@@ -6,16 +6,17 @@ Front door: :func:`finetune` (``llm360 finetune sft|dpo``), or :func:`sft` / :fu
     sft("runs/demo", "ckpt_005", "builtin:instructions")               # -> runs/demo/finetune/sft-ckpt_005
     dpo("runs/demo", "sft-ckpt_005", "builtin:preferences")             # DPO on top of the SFT model
 
-Modules: :mod:`~llm360.finetune.config` (the ``finetune`` config section and its presets),
-:mod:`~llm360.finetune.records` (reading and checking JSONL/Parquet data),
+Modules: :mod:`~llm360.finetune.records` (reading and checking JSONL/Parquet data),
 :mod:`~llm360.finetune.chat` (the plain-text chat template), :mod:`~llm360.finetune.builtin`
 (instruction and preference sets built from the embedded corpus), :mod:`~llm360.finetune.run`
-(training with TRL and the output folder with its lineage).
+(training with TRL and the output folder with its lineage). The ``finetune`` config section is
+:mod:`llm360.config.finetune`, its presets are in :mod:`llm360.config.presets`.
 """
 
 from typing import Any
 
-from llm360.finetune.config import PRESETS, DpoConfig, FinetuneConfig, SftConfig, finetune_config
+from llm360.config import FINETUNE_PRESETS as PRESETS
+from llm360.config import DpoConfig, FinetuneConfig, SftConfig, finetune_config
 
 _RUN = {"FinetuneResult", "dpo", "finetune", "resolve_base", "sft"}
 

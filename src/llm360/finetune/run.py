@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -39,11 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm360.config import DpoConfig, SftConfig, check_output_name
+from llm360.config import FinetuneKind as Kind
 from llm360.errors import CheckpointError, ConfigError, DataError, Llm360Error, RunDirError
 from llm360.finetune import builtin
-from llm360.finetune.config import DpoConfig, Kind, SftConfig, check_output_name
 from llm360.finetune.records import Records, load_records
-from llm360.rundir.layout import RunDir
+from llm360.rundir.atomic import staged
+from llm360.rundir.layout import MARKER, RunDir, has_marker, list_checkpoints
 from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ LINEAGE_FILE = "lineage.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "finetune.yaml"
 BUILTIN_DATA_FILE = "train_data.jsonl"
-_MARKER = "COMPLETE.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _COPIED_FROM_BASE = ("llm360_model.json",)  # how llm360 reads the weights back (e.g. muP folded)
 _VERSIONED = ("llm360", "torch", "transformers", "trl", "datasets", "accelerate", "tokenizers", "safetensors")
@@ -121,9 +121,7 @@ def resolve_base(run_dir: str | Path, base: str | Path) -> Path:
     for c in candidates:
         if c.is_dir():
             return c
-    have = (
-        sorted(p.name for p in rd.checkpoints.glob("ckpt_*") if p.is_dir()) if rd.checkpoints.is_dir() else []
-    )
+    have = [p.name for _, p in list_checkpoints(rd.checkpoints)]
     tuned = sorted(p.name for p in finetune_dir(run).iterdir() if p.is_dir() and not p.name.startswith(".")) if finetune_dir(run).is_dir() else []  # fmt: skip
     listing = ", ".join(have[:3] + (["..."] if len(have) > 4 else []) + have[3:][-1:]) if have else "none"
     extra = f"; fine-tuned models: {', '.join(tuned)}" if tuned else ""
@@ -135,12 +133,12 @@ def resolve_base(run_dir: str | Path, base: str | Path) -> Path:
 
 def verify_base(folder: Path) -> str:
     """Check that a checkpoint folder is complete and intact; returns the sha256 of its COMPLETE.json."""
-    if not (folder / _MARKER).is_file():
+    if not has_marker(folder):
         raise CheckpointError(
-            f"checkpoint {folder} is incomplete or not an llm360 checkpoint: it has no {_MARKER} (written last, "
+            f"checkpoint {folder} is incomplete or not an llm360 checkpoint: it has no {MARKER} (written last, "
             "when a save finishes), so it will not be loaded"
         )
-    from llm360.rundir.checkpoint import verify_checkpoint
+    from llm360.rundir.checkpoint import marker_sha256, verify_checkpoint
 
     verify_checkpoint(folder)  # every file's sha256 against the marker
     if not (folder / "config.json").is_file():
@@ -148,7 +146,7 @@ def verify_base(folder: Path) -> str:
             f"checkpoint {folder} has no config.json, so it is not a Hugging Face model folder; "
             "checkpoints written by `llm360 train` have one"
         )
-    return sha256_file(folder / _MARKER)
+    return marker_sha256(folder)
 
 
 def _data_file(data: str | Path, kind: str, work: Path) -> tuple[Path, str | None]:
@@ -241,6 +239,9 @@ def _finetune(
     name = check_output_name(cfg.name or f"{kind}-{base_dir.name}")
     cfg = cfg.model_copy(update={"name": name})  # the lineage records the resolved config
     out_dir = finetune_dir(run) / name
+    from llm360.rundir.checkpoint import clean_leftovers
+
+    clean_leftovers(finetune_dir(run))  # what killed runs left: work folders, unfinished saves
     if out_dir.exists() and not force:
         raise RunDirError(
             f"{out_dir} already exists; pass --force to replace it, or choose another name with "
@@ -249,33 +250,8 @@ def _finetune(
     if out_dir.resolve() == base_dir.resolve():
         raise RunDirError(f"the output {out_dir} is the base checkpoint itself; choose another name")
 
-    _remove_stale_work(finetune_dir(run))
-    work = finetune_dir(run) / f".{name}.work-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with staged(out_dir, kind="work") as work:  # scratch space, removed however the run ends
         return _run(kind, run, base_dir, marker_sha, data, cfg, name, out_dir, work, device)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _remove_stale_work(folder: Path) -> None:
-    """Delete work folders (``.<name>.work-<pid>``) left by runs whose process is gone (a kill)."""
-    if not folder.is_dir():
-        return
-    for p in folder.glob(".*.work-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        logger.warning("removing %s, left by an interrupted fine-tuning run (pid %s)", p, pid)
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def sft(
@@ -329,19 +305,6 @@ def _load_model(folder: Path) -> Any:
     return model  # the Trainer moves it (and the DPO reference) to the training device
 
 
-def _pick_device(device: str | None) -> str:
-    """cpu or cuda (the Trainer places the models; pick a GPU with CUDA_VISIBLE_DEVICES)."""
-    import torch
-
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r}: use cpu or cuda (choose the GPU with CUDA_VISIBLE_DEVICES)")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return device
-
-
 def _use_bf16(precision: str, device: str) -> bool:
     import torch
 
@@ -373,9 +336,13 @@ def _run(
     import torch
 
     from llm360.finetune.chat import ensure_chat_template, template_sha256
+    from llm360.model.load import resolve_device
 
     t_start = time.time()
-    device = _pick_device(device_arg)
+    resolved = resolve_device(device_arg, where="device")
+    if resolved.type not in ("cpu", "cuda") or resolved.index is not None:  # the Trainer places the models
+        raise ConfigError(f"device {device_arg!r}: use cpu or cuda (choose the GPU with CUDA_VISIBLE_DEVICES)")
+    device = resolved.type
     bf16 = _use_bf16(cfg.precision, device)
     data_path, builtin_name = _data_file(data, kind, work)
     records = load_records(data_path, kind, format=cfg.format, max_records=cfg.max_records)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +36,7 @@ from torch import nn
 
 from llm360.config import MODEL_PRESETS, ModelConfig
 from llm360.errors import CheckpointError, ConfigError
-from llm360.rundir.atomic import atomic_write_bytes, fsync_dir
+from llm360.rundir.atomic import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -239,12 +238,8 @@ def save_hf_folder(
         sd.pop("lm_head.weight", None)  # one matrix, stored once (as transformers does)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    fsync_dir(folder)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     for name, data in meta.items():
         atomic_write_bytes(folder / name, data)
     return folder

@@ -135,8 +135,10 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * inverse frequency, each (T, R/2), in fp32.
+def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * inverse frequency, each ``positions.shape + (R/2,)``, in fp32.
+
+    ``positions`` is (T,) when every row is at the same positions, (B, T) when each has its own.
 
     The inverse-frequency table and the angles are computed here, in fp32, on every call rather
     than kept as a buffer: ``model.to(torch.bfloat16)`` would round a buffer to 8 mantissa bits,
@@ -145,10 +147,10 @@ def rope_cos_sin(cfg: ModelConfig, positions_T: torch.Tensor) -> tuple[torch.Ten
     """
     r = rotary_dims(cfg)
     inv_freq_R2 = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, r, 2, device=positions_T.device, dtype=torch.float32) / r)
+        cfg.rope_theta ** (torch.arange(0, r, 2, device=positions.device, dtype=torch.float32) / r)
     )
-    angles_TR2 = positions_T.float()[:, None] * inv_freq_R2[None, :]
-    return angles_TR2.cos(), angles_TR2.sin()
+    angles = positions.float()[..., None] * inv_freq_R2
+    return angles.cos(), angles.sin()
 
 
 def _rotate(x_BTHE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -178,12 +180,13 @@ class _Rope(torch.autograd.Function):
         return _rotate(grad_BTHE, cos, -sin), None, None
 
 
-def apply_rope(x_BTHE: torch.Tensor, cos_TR2: torch.Tensor, sin_TR2: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_BTHE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first R dims of each head by position (half-split pairing, as in HF Llama).
 
-    Dims i and i + R/2 form a pair; dims R..E pass through (partial rotary, rope_fraction < 1).
+    cos and sin are (T, R/2) or (B, T, R/2) (:func:`rope_cos_sin`). Dims i and i + R/2 form a
+    pair; dims R..E pass through (partial rotary, rope_fraction < 1).
     """
-    cos, sin = cos_TR2[:, None, :].to(x_BTHE.dtype), sin_TR2[:, None, :].to(x_BTHE.dtype)  # over heads
+    cos, sin = cos[..., None, :].to(x_BTHE.dtype), sin[..., None, :].to(x_BTHE.dtype)  # over heads
     return _Rope.apply(x_BTHE, cos, sin)
 
 
@@ -201,7 +204,14 @@ def _fuse(x_BTD: torch.Tensor) -> bool:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, one preallocated buffer per layer."""
+    """Keys and values of the positions seen so far, one preallocated (B, K, S, E) buffer per layer.
+
+    Batch-wide (``positions_B`` None): the T new tokens of every row go at ``length ..
+    length + T - 1``, causally (a prefill, :meth:`Llama.generate_greedy`). Ragged (:meth:`ragged`,
+    one token per row): row b's token goes at ``positions_B[b]`` and sees ``0 .. positions_B[b]``
+    only, in the first B rows of the buffers; what lies beyond is stale (padding, an abandoned
+    continuation).
+    """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
         kv, e = cfg.num_kv_heads or cfg.num_heads, cfg.hidden_size // cfg.num_heads
@@ -209,7 +219,67 @@ class KVCache:
         self.k_BKSE = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v_BKSE = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.length = 0
-        """Positions already stored (the position of the next token)."""
+        """Positions already stored (the position of the next token), batch-wide."""
+        self.positions_B: torch.Tensor | None = None
+        """Ragged: the position of each row's next token."""
+
+    @classmethod
+    def ragged(cls, k_BKSE: list[torch.Tensor], v_BKSE: list[torch.Tensor], positions_B: torch.Tensor) -> KVCache:
+        """A ragged cache over existing per-layer buffers (written in place), row b at ``positions_B[b]``."""
+        cache = cls.__new__(cls)  # over the given buffers: nothing to allocate
+        cache.k_BKSE, cache.v_BKSE = list(k_BKSE), list(v_BKSE)
+        cache.length, cache.positions_B = 0, positions_B
+        return cache
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """Positions of the next T tokens: (T,) batch-wide, (B, 1) ragged."""
+        if self.positions_B is None:
+            return torch.arange(self.length, self.length + T, device=device)
+        if T != 1:
+            raise ValueError(f"a ragged KV cache takes one token per row, got {T}")
+        return self.positions_B[:, None]
+
+    def advance(self, T: int) -> None:
+        """Move past the T tokens just stored (once per forward, after every layer)."""
+        if self.positions_B is None:
+            self.length += T
+        else:  # not in place: the caller's tensor
+            self.positions_B = self.positions_B + T
+
+    def update(
+        self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """Store a layer's new keys and values; return (keys, values, mask, is_causal) to attend with.
+
+        The mask is boolean (True: attend), over heads; None where is_causal or all is visible.
+        """
+        B, T, dev = k_BKTE.shape[0], k_BKTE.shape[2], k_BKTE.device
+        k_buf, v_buf = self.k_BKSE[layer], self.v_BKSE[layer]
+        if self.positions_B is not None:
+            rows_B = torch.arange(B, device=dev)
+            k_buf[rows_B, :, self.positions_B] = k_BKTE[:, :, 0]
+            v_buf[rows_B, :, self.positions_B] = v_BKTE[:, :, 0]
+            mask_BS = torch.arange(k_buf.shape[2], device=dev) <= self.positions_B[:, None]
+            return k_buf[:B], v_buf[:B], mask_BS[:, None, None, :], False
+        start = self.length
+        k_buf[:, :, start : start + T], v_buf[:, :, start : start + T] = k_BKTE, v_BKTE
+        k_BKSE, v_BKSE = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
+        if start == 0 or T == 1:
+            return k_BKSE, v_BKSE, None, start == 0
+        # queries at start..start+T-1 see keys 0..their own position
+        return k_BKSE, v_BKSE, torch.ones(T, start + T, dtype=torch.bool, device=dev).tril(start), False
+
+
+def _attend_one_query(
+    q_BH1E: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor, mask_B11S: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Masked attention of one query per row, (B, H, 1, E): plain matmuls, ~3x CPU SDPA's speed here."""
+    B, H, _, E = q_BH1E.shape
+    K = k_BKSE.shape[1]
+    q_BKGE = q_BH1E.reshape(B, K, H // K, E)  # G = H / K query heads share a key/value head
+    s_BKGS = (q_BKGE @ k_BKSE.transpose(2, 3)) * scale
+    p_BKGS = torch.softmax(s_BKGS.masked_fill(~mask_B11S, -math.inf), dim=-1)
+    return (p_BKGS.to(q_BKGE.dtype) @ v_BKSE).reshape(B, H, 1, E)
 
 
 class Attention(nn.Module):
@@ -248,19 +318,13 @@ class Attention(nn.Module):
         q_BHTE, k_BKSE, v_BKSE = q_BTHE.transpose(1, 2), k_BTKE.transpose(1, 2), v_BTKE.transpose(1, 2)
         mask, causal = None, True
         if cache is not None:
-            start = cache.length
-            cache.k_BKSE[self.layer_idx][:, :, start : start + T] = k_BKSE
-            cache.v_BKSE[self.layer_idx][:, :, start : start + T] = v_BKSE
-            k_BKSE = cache.k_BKSE[self.layer_idx][:, :, : start + T]
-            v_BKSE = cache.v_BKSE[self.layer_idx][:, :, : start + T]
-            if start > 0:  # queries at start..start+T-1 see keys 0..their own position
-                causal = False
-                if T > 1:
-                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x_BTD.device).tril(start)
-        y_BHTE = F.scaled_dot_product_attention(
-            q_BHTE, k_BKSE, v_BKSE, attn_mask=mask, is_causal=causal, scale=self.scale,
-            enable_gqa=self.n_kv != self.n_head,
-        )  # fmt: skip
+            k_BKSE, v_BKSE, mask, causal = cache.update(self.layer_idx, k_BKSE, v_BKSE)
+        if cache is not None and cache.positions_B is not None and x_BTD.device.type == "cpu":
+            y_BHTE = _attend_one_query(q_BHTE, k_BKSE, v_BKSE, mask, self.scale)
+        else:
+            y_BHTE = F.scaled_dot_product_attention(
+                q_BHTE, k_BKSE, v_BKSE, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=K != H
+            )
         return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -315,14 +379,15 @@ class Decoder(nn.Module):
         return x * self.cfg.mup.embedding_multiplier if self.cfg.mup is not None else x
 
     def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, D); with a cache, the tokens continue (and are stored in) it."""
         x_BTD = self.embed(input_ids_BT)
-        start = cache.length if cache is not None else 0
-        positions_T = torch.arange(start, start + input_ids_BT.shape[1], device=input_ids_BT.device)
-        rope = rope_cos_sin(self.cfg, positions_T)
+        T, device = input_ids_BT.shape[1], input_ids_BT.device
+        positions = cache.positions(T, device) if cache is not None else torch.arange(T, device=device)
+        rope = rope_cos_sin(self.cfg, positions)
         for block in self.layers:
             x_BTD = block(x_BTD, rope, cache)
         if cache is not None:
-            cache.length += input_ids_BT.shape[1]
+            cache.advance(T)
         return self.norm(x_BTD)
 
 
@@ -526,41 +591,10 @@ def decode_step(
     """One greedy step for n rows, each at its own position: logits (n, V).
 
     Row r feeds token ``tok_n[r]`` at position ``pos_n[r]``, writes its key and value there and
-    attends to cache positions ``0..pos_n[r]`` only (what lies beyond is stale: padding, or an
-    abandoned continuation). The cache tensors are (n_total, K, S, E) per layer, e.g. a
-    :class:`KVCache`'s ``k_BKSE`` / ``v_BKSE``, and rows 0..n-1 are used. Same blocks, weights and
-    rotary tables as the batch-wide cached decoding of :meth:`Llama.generate_greedy`, which keeps
-    one position for the whole batch; this lets prompts of different lengths share a batch
-    without a padding mask (used by memorization scoring and by the lm-eval adapter).
+    attends to cache positions ``0..pos_n[r]`` only (:meth:`KVCache.ragged`). The cache tensors
+    are (n_total, K, S, E) per layer, e.g. a :class:`KVCache`'s ``k_BKSE`` / ``v_BKSE``; rows
+    0..n-1 are used. Prompts of different lengths so share a batch without a padding mask
+    (memorization scoring, the lm-eval adapter).
     """
-    cfg, dec = model.cfg, model.model
-    n = tok_n.shape[0]
-    x_n1D = dec.embed(tok_n)[:, None, :]
-    # rope_cos_sin takes a 1-D position vector: here one position per row, (n, R/2). apply_rope
-    # broadcasts it over a (1, n, H, E) view, i.e. the rows stand where the time axis usually is.
-    rope = rope_cos_sin(cfg, pos_n)
-    S = k_cache[0].shape[2]
-    mask_n11S = (torch.arange(S, device=tok_n.device)[None, :] <= pos_n[:, None])[:, None, None, :]
-    rows_n = torch.arange(n, device=tok_n.device)
-    cpu = tok_n.device.type == "cpu"
-    for i, block in enumerate(dec.layers):
-        attn = block.self_attn
-        H, K, E = attn.n_head, attn.n_kv, attn.head_dim
-        h_n1D = block.input_layernorm(x_n1D)
-        q_nH1E = apply_rope(attn.q_proj(h_n1D).view(1, n, H, E), *rope).view(n, H, 1, E)
-        k_nKE = apply_rope(attn.k_proj(h_n1D).view(1, n, K, E), *rope).view(n, K, E)
-        v_nKE = attn.v_proj(h_n1D).view(n, K, E)
-        k_cache[i][rows_n, :, pos_n] = k_nKE
-        v_cache[i][rows_n, :, pos_n] = v_nKE
-        if cpu:  # one query per row: plain matmuls beat the CPU SDPA kernel ~3x here; same math
-            q_nKGE = q_nH1E.view(n, K, H // K, E)
-            s_nKGS = (q_nKGE @ k_cache[i][:n].transpose(2, 3)) * attn.scale
-            p_nKGS = torch.softmax(s_nKGS.masked_fill(~mask_n11S, -math.inf), dim=-1)
-            y_nHE = (p_nKGS.to(q_nKGE.dtype) @ v_cache[i][:n]).reshape(n, H * E)
-        else:
-            y_nHE = F.scaled_dot_product_attention(
-                q_nH1E, k_cache[i][:n], v_cache[i][:n], attn_mask=mask_n11S, scale=attn.scale, enable_gqa=K != H
-            ).reshape(n, H * E)
-        x_n1D = x_n1D + attn.o_proj(y_nHE[:, None, :])
-        x_n1D = x_n1D + block.mlp(block.post_attention_layernorm(x_n1D))
-    return model._head(dec.norm(x_n1D))[:, 0]
+    h_n1D = model.model(tok_n[:, None], KVCache.ragged(k_cache, v_cache, pos_n))
+    return model._head(h_n1D)[:, 0]

@@ -33,7 +33,8 @@ from pathlib import Path
 from llm360 import __version__
 from llm360.errors import Llm360Error, RunDirError
 from llm360.log import progress
-from llm360.rundir.atomic import fsync_dir
+from llm360.rundir import atomic
+from llm360.rundir.layout import DCP_DIR, STEPS_DIR, RunDir, list_checkpoints
 from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 SUMS = "SHA256SUMS"
 # What goes into a release, relative to the run directory.
 _INCLUDE_DIRS = ("data", "checkpoints", "metrics", "eval", "analysis", "finetune", "report")
-_EXCLUDE_PARTS = {"steps", "dcp", "wandb", "__pycache__"}  # dcp: sharded resume copies (pickled metadata)
+_EXCLUDE_PARTS = {STEPS_DIR, DCP_DIR, "wandb", "__pycache__"}  # dcp: sharded resume copies (pickled metadata)
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".distcp")
 
 
@@ -135,24 +136,22 @@ def release(run_dir: str | Path, out: str | Path, *, force: bool = False, link: 
     from llm360.release.card import write_model_card
 
     run, out = Path(run_dir), Path(out)
-    if not (run / "data" / "manifest.json").is_file():
+    rd = RunDir(run)
+    if not rd.manifest.is_file():
         raise RunDirError(f"{run} has no prepared data (data/manifest.json); nothing to release")
-    ckpts = sorted((run / "checkpoints").glob("ckpt_*"))
+    ckpts = [p for _, p in list_checkpoints(rd.checkpoints)]
     if not ckpts:
         raise RunDirError(f"{run} has no checkpoints yet; train first (llm360 train --run-dir {run})")
     from llm360.rundir.checkpoint import verify_checkpoint
 
-    for c in [*ckpts, run / "checkpoints" / "init"]:
+    for c in [*ckpts, rd.init_checkpoint]:
         if c.exists():
             verify_checkpoint(c)  # never release a half-written or damaged checkpoint
-    if out.exists():
-        if not force:
-            raise RunDirError(f"{out} already exists; choose another --out or pass --force to replace it")
-        shutil.rmtree(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    atomic.clean_leftovers(out.parent, only=out.name)  # what a killed release of this name left
+    if out.exists() and not force:
+        raise RunDirError(f"{out} already exists; choose another --out or pass --force to replace it")
+    # Built under a hidden name, then renamed: an existing release is replaced only once the new one is whole.
+    with atomic.atomic_folder(out) as tmp:
         files = sorted(p for p in run.rglob("*") if p.is_file() and _included(p.relative_to(run)))
         pickles = [p for p in files if is_pickle(p)]
         if pickles:
@@ -167,10 +166,5 @@ def release(run_dir: str | Path, out: str | Path, *, force: bool = False, link: 
         (tmp / "code.json").write_text(json.dumps(code_provenance(), indent=2, sort_keys=True) + "\n")
         write_model_card(tmp)
         write_sums(tmp)
-        fsync_dir(tmp)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("release written to %s", out)
     return out

@@ -1,64 +1,35 @@
-"""MODEL_CARD.md, generated from what a release really contains (nothing is hard-coded)."""
+"""MODEL_CARD.md, generated from what a release really contains (nothing is hard-coded).
+
+The folder is read once by :func:`llm360.report.collect.collect` (a release has a run directory's
+layout), and the transparency table is :func:`llm360.report.transparency.transparency_rows`: the
+card and the HTML report show the same rows with the same evidence.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from llm360.config import parametrization_text
+from llm360.report.collect import RunFacts, collect, read_json
+from llm360.report.transparency import NO, PARTIAL, YES, Row, transparency_rows
 from llm360.rundir.layout import RunDir
 
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+_MARKS = {YES: "✓ yes", PARTIAL: "◐ partial", NO: "✗ no"}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _yes(flag: bool, detail: str = "") -> str:
-    return ("✓ yes" if flag else "✗ no") + (f" — {detail}" if detail else "")
-
-
-def transparency(root: Path) -> list[tuple[str, bool, str]]:
-    """The paper's Table 1, filled from the files present: (item, present, evidence)."""
-    ckpts = sorted(root.glob("checkpoints/ckpt_*"))
-    with_opt = [c for c in ckpts if (c / "optimizer.safetensors").is_file()]
-    with_weights = [c for c in ckpts if (c / "model.safetensors").is_file()]
-    manifest = _read_json(root / "data" / "manifest.json") or {}
-    chunks = sorted(root.glob("data/chunk_*.npy"))
-    sources = sorted(root.glob("data/sources/*.jsonl.gz"))
-    code = _read_json(root / "code.json") or {}
-    commit = (code.get("git") or {}).get("commit")
-    evals = sorted(root.glob("eval/*/*.json"))
-    analyses = sorted(root.glob("analysis/**/*.json"))
-    return [
-        ("Code", bool(code), f"llm360 {code.get('llm360_version')}, commit {commit or 'unknown'}" if code else ""),
-        ("Training config", (root / "config.yaml").is_file(), "config.yaml"),
-        ("Model checkpoints", bool(with_weights), f"{len(with_weights)} of {manifest.get('num_chunks', '?')} chunks"),
-        ("Optimizer checkpoints", bool(with_opt), f"{len(with_opt)} checkpoints with AdamW state"),
-        ("Data mix", bool(manifest.get("sources")), "tokens per source per chunk in data/manifest.json"),
-        ("Data ordering", bool(chunks) and bool(manifest), f"{len(chunks)} chunk files, rows in training order"),
-        ("Data available", bool(chunks) or bool(sources),
-         f"{len(chunks)} token chunks" + (f", raw documents of {len(sources)} sources" if sources else "")),
-        ("Evaluations", bool(evals), f"{len(evals)} result files"),
-        ("Analyses", bool(analyses), f"{len(analyses)} result files"),
-    ]
+def transparency_lines(rows: list[Row]) -> list[str]:
+    """The paper's Table 1 as Markdown table lines: one row per item, its status and the evidence."""
+    lines = ["| item | released |", "| --- | --- |"]
+    for r in rows:
+        mark = _MARKS.get(r.status, r.status)
+        lines.append(f"| {_cell(r.label)} | {mark}" + (f" — {_cell(r.evidence)}" if r.evidence else "") + " |")
+    return lines
 
 
 def _architecture_rows(m: dict) -> list[tuple[str, object]]:
@@ -101,11 +72,13 @@ def _raw_sources_lines(root: Path, cfg: dict) -> list[str]:
 
 
 def write_model_card(root: Path) -> Path:
-    """Write root/MODEL_CARD.md from the release's files."""
-    cfg = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else {}
-    manifest = _read_json(root / "data" / "manifest.json") or {}
-    ckpts = sorted(root.glob("checkpoints/ckpt_*"))
-    hf = _read_json(ckpts[-1] / "config.json") if ckpts else None
+    """Write root/MODEL_CARD.md from the release's files; returns its path.
+
+    Missing or malformed files leave their section out (or say "no" in the transparency table);
+    only a failure to write the card itself raises (OSError).
+    """
+    facts = collect(root)
+    cfg = facts.config or {}
     lines = [f"# {cfg.get('name', 'llm360 model')}", ""]
     lines += [
         "Trained with llm360: every chunk of data in training order, one complete checkpoint per chunk "
@@ -114,89 +87,14 @@ def write_model_card(root: Path) -> Path:
         "",
         "## Transparency",
         "",
-        "| item | released |",
-        "| --- | --- |",
     ]
-    lines += [f"| {item} | {_yes(ok, ev)} |" for item, ok, ev in transparency(root)]
-    ours = (_read_json(ckpts[-1] / "llm360_model.json") or {}).get("model") if ckpts else None
-    if isinstance(ours, dict):  # the exact model config: what config.json cannot say (muP) included
-        rows = _architecture_rows(ours)
-    else:
-        rows = [(label, hf[key]) for key, label in (
-            ("hidden_size", "Hidden size"), ("intermediate_size", "Intermediate size (MLP)"),
-            ("num_attention_heads", "Attention heads"), ("num_hidden_layers", "Hidden layers"),
-            ("rms_norm_eps", "RMSNorm ε"), ("max_position_embeddings", "Max sequence length"),
-            ("vocab_size", "Vocab size")) if hf and key in hf]  # fmt: skip
-    if rows:
-        lines += ["", "## Architecture", "", "| parameter | value |", "| --- | --- |"]
-        lines += [f"| {label} | {value} |" for label, value in rows]
-        st = (root / ckpts[-1] / "model.safetensors") if ckpts else None
-        if st is not None and st.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(st), framework="numpy") as f:
-                n = sum(int(_numel(f.get_slice(k).get_shape())) for k in f.keys())
-            lines.append(f"| Parameters | {n:,} |")
-    if manifest.get("sources"):
-        total = sum(sum(c["tokens_per_source"].values()) for c in manifest.get("chunks", []))
-        per: dict[str, int] = {}
-        for c in manifest.get("chunks", []):
-            for s, t in c["tokens_per_source"].items():
-                per[s] = per.get(s, 0) + int(t)
-        lines += ["", "## Data mix", "", "| source | tokens trained on | share | documents used | rejected |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        for s, t in sorted(per.items(), key=lambda kv: -kv[1]):
-            src = manifest["sources"].get(s, {})
-            lines.append(f"| {s} | {t:,} | {t / max(total, 1):.1%} | {src.get('documents_used', '')} | "
-                         f"{src.get('documents_rejected_total', '')} |")
-        lines.append(f"| **total** | **{total:,}** | | | |")
-        lines += ["", f"{manifest.get('num_chunks')} chunks of {manifest.get('seq_len')}-token sequences "
-                  f"(+1 target token per row), dtype {manifest.get('token_dtype')}, vocabulary "
-                  f"{manifest.get('vocab_size')}, data seed {manifest.get('seed')}."]
-        lines += _raw_sources_lines(root, cfg)
-    summary = _read_json(root / "eval" / "summary.json")
-    if summary and summary.get("rows"):
-        cols = [c for c in summary.get("columns", []) if "/" in c][:6]
-        lines += ["", "## Evaluation over checkpoints", "",
-                  "| checkpoint | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
-        for row in summary["rows"]:
-            vals = [row.get(c) for c in cols]
-            lines.append(f"| {row.get('checkpoint')} | " + " | ".join("" if v is None else f"{v:.4g}" for v in vals)
-                         + " |")
-    mem = _read_json(root / "analysis" / "memorization" / "summary.json")
-    if mem:
-        lines += ["", "## Memorization", "", "Paper's score (k = l = 32): share of greedy tokens equal to the "
-                  "true continuation of a training row; extractable when 1. Details in analysis/memorization/."]
-        per_ckpt = mem.get("checkpoints") or {}
-        if isinstance(per_ckpt, dict) and per_ckpt:
-            lines += ["", "| checkpoint | mean score (seen chunks) | extractable share |", "| --- | ---: | ---: |"]
-            for name, v in sorted(per_ckpt.items()):
-                if isinstance(v, dict):
-                    lines.append(f"| {name} | {_fmt(v.get('mean_seen'))} | {_fmt(v.get('extractable_share_seen'))} |")
-    events = _read_jsonl(root / "metrics" / "events.jsonl")
-    lines += ["", "## Events", ""]
-    if events:
-        lines += ["| event | step | chunk | detail |", "| --- | ---: | ---: | --- |"]
-        for e in events:
-            detail = e.get("reason") or e.get("checkpoint") or ""
-            lines.append(f"| {e.get('event')} | {e.get('step', '')} | {e.get('chunk', '')} | {detail} |")
-    else:
-        lines.append("No events: no skipped steps, rollbacks or resumes.")
-    fts = sorted(root.glob("finetune/*/lineage.json"))
-    if fts:
-        lines += ["", "## Fine-tuned models", "",
-                  "| model | method | base checkpoint | base marker sha256 | data | data sha256 | steps |",
-                  "| --- | --- | --- | --- | --- | --- | ---: |"]
-        for p in fts:
-            lin = _read_json(p) or {}
-            base = lin.get("base_checkpoint") or {}
-            data = lin.get("data") or {}
-            base_name = Path(str(base.get("path", ""))).name if isinstance(base, dict) else str(base)
-            lines.append(
-                f"| {p.parent.name} | {lin.get('trainer', lin.get('kind', ''))} | {base_name} | "
-                f"{str(base.get('complete_json_sha256', ''))[:16]} | {data.get('source', '')} | "
-                f"{str(data.get('sha256', ''))[:16]} | {lin.get('steps', '')} |"
-            )
+    lines += transparency_lines(transparency_rows(facts))
+    lines += _architecture_lines(facts)
+    lines += _data_mix_lines(facts, root, cfg)
+    lines += _eval_lines(facts)
+    lines += _memorization_lines(facts)
+    lines += _events_lines(facts)
+    lines += _finetune_lines(facts, root)
     lines += [
         "", "## Files", "",
         "Each `checkpoints/ckpt_NNN` folder is a Hugging Face model folder "
@@ -208,11 +106,115 @@ def write_model_card(root: Path) -> Path:
     return path
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+def _architecture_lines(facts: RunFacts) -> list[str]:
+    """The architecture of the latest checkpoint with a readable config.json, and its parameter count."""
+    hf = facts.model_config
+    ck = next((c for c in facts.checkpoints if c.name == facts.model_config_from), None)
+    ours = read_json(ck.path / "llm360_model.json", facts)[0] if ck is not None else None
+    model = ours.get("model") if isinstance(ours, dict) else None
+    if isinstance(model, dict):  # the exact model config: what config.json cannot say (muP) included
+        rows = _architecture_rows(model)
+    else:
+        rows = [(label, hf[key]) for key, label in (
+            ("hidden_size", "Hidden size"), ("intermediate_size", "Intermediate size (MLP)"),
+            ("num_attention_heads", "Attention heads"), ("num_hidden_layers", "Hidden layers"),
+            ("rms_norm_eps", "RMSNorm ε"), ("max_position_embeddings", "Max sequence length"),
+            ("vocab_size", "Vocab size")) if hf and key in hf]  # fmt: skip
+    if not rows:
+        return []
+    lines = ["", "## Architecture", "", "| parameter | value |", "| --- | --- |"]
+    lines += [f"| {label} | {value} |" for label, value in rows]
+    if ck is not None and ck.parameters is not None:  # from model.safetensors' header
+        lines.append(f"| Parameters | {ck.parameters:,} |")
+    return lines
+
+
+def _data_mix_lines(facts: RunFacts, root: Path, cfg: dict) -> list[str]:
+    """Tokens trained on per source (summed over the manifest's chunks), and where the raw documents are."""
+    manifest = facts.manifest or {}
+    if not manifest.get("sources"):
+        return []
+    total = sum(sum(c["tokens_per_source"].values()) for c in manifest.get("chunks", []))
+    per: dict[str, int] = {}
+    for c in manifest.get("chunks", []):
+        for s, t in c["tokens_per_source"].items():
+            per[s] = per.get(s, 0) + int(t)
+    lines = ["", "## Data mix", "", "| source | tokens trained on | share | documents used | rejected |",
+             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for s, t in sorted(per.items(), key=lambda kv: -kv[1]):
+        src = manifest["sources"].get(s, {})
+        lines.append(f"| {s} | {t:,} | {t / max(total, 1):.1%} | {src.get('documents_used', '')} | "
+                     f"{src.get('documents_rejected_total', '')} |")  # fmt: skip
+    lines.append(f"| **total** | **{total:,}** | | | |")
+    lines += ["", f"{manifest.get('num_chunks')} chunks of {manifest.get('seq_len')}-token sequences "
+              f"(+1 target token per row), dtype {manifest.get('token_dtype')}, vocabulary "
+              f"{manifest.get('vocab_size')}, data seed {manifest.get('seed')}."]  # fmt: skip
+    return lines + _raw_sources_lines(root, cfg)
+
+
+def _eval_lines(facts: RunFacts) -> list[str]:
+    """Up to six ``<task>/<metric>`` columns per checkpoint (eval/summary.json, else the per-file results)."""
+    if facts.eval is None or not facts.eval.rows:
+        return []
+    cols = [c for c in facts.eval.columns if "/" in c][:6]
+    lines = ["", "## Evaluation over checkpoints", "",
+             "| checkpoint | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]  # fmt: skip
+    for row in facts.eval.rows:
+        vals = [row.get(c) for c in cols]
+        lines.append(f"| {row.get('checkpoint')} | " + " | ".join("" if v is None else f"{v:.4g}" for v in vals)
+                     + " |")  # fmt: skip
+    return lines
+
+
+def _memorization_lines(facts: RunFacts) -> list[str]:
+    """The paper's memorization score per checkpoint, on the chunks each checkpoint has seen."""
+    mem = facts.memorization
+    if not mem:
+        return []
+    lines = ["", "## Memorization", "", "Paper's score (k = l = 32): share of greedy tokens equal to the "
+             "true continuation of a training row; extractable when 1. Details in analysis/memorization/."]
+    dist = mem.get("distribution") if isinstance(mem.get("distribution"), dict) else {}
+    seen = [(n, d) for n in mem.get("checkpoints", [])
+            if isinstance(n, str) and isinstance(d := dist.get(n), dict)]
+    if seen:
+        lines += ["", "| checkpoint | mean score (seen chunks) | extractable share |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {_fmt(d.get('mean'))} | {_fmt(d.get('extractible_share'))} |" for name, d in seen]
+    return lines
+
+
+def _events_lines(facts: RunFacts) -> list[str]:
+    """metrics/events.jsonl as a table: NaN skips, rollbacks, resumes, spikes."""
+    events = facts.events.records
+    lines = ["", "## Events", ""]
+    if not events:
+        return lines + ["No events: no skipped steps, rollbacks or resumes."]
+    lines += ["| event | step | chunk | detail |", "| --- | ---: | ---: | --- |"]
+    for e in events:
+        detail = e.get("reason") or e.get("checkpoint") or ""
+        lines.append(f"| {e.get('event')} | {e.get('step', '')} | {e.get('chunk', '')} | {detail} |")
+    return lines
+
+
+def _finetune_lines(facts: RunFacts, root: Path) -> list[str]:
+    """One row per finetune/<name>/lineage.json: method, base checkpoint and data, with their hashes."""
+    fts = sorted(root.glob("finetune/*/lineage.json"))
+    if not fts:
+        return []
+    lines = ["", "## Fine-tuned models", "",
+             "| model | method | base checkpoint | base marker sha256 | data | data sha256 | steps |",
+             "| --- | --- | --- | --- | --- | --- | ---: |"]  # fmt: skip
+    for p in fts:
+        lin = read_json(p, facts)[0]
+        lin = lin if isinstance(lin, dict) else {}
+        base = lin.get("base_checkpoint") or {}
+        data = lin.get("data") or {}
+        base_name = Path(str(base.get("path", ""))).name if isinstance(base, dict) else str(base)
+        lines.append(
+            f"| {p.parent.name} | {lin.get('trainer', lin.get('kind', ''))} | {base_name} | "
+            f"{str(base.get('complete_json_sha256', ''))[:16]} | {data.get('source', '')} | "
+            f"{str(data.get('sha256', ''))[:16]} | {lin.get('steps', '')} |"
+        )
+    return lines
 
 
 def _fmt(v: Any) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from llm360.config import load_config
 from llm360.errors import CheckpointError, Llm360Error
 from llm360.log import progress
 from llm360.release.build import SUMS, ReleaseError, read_sums
-from llm360.rundir.layout import RunDir, index_name
+from llm360.rundir.layout import MODEL_FILE, OPTIMIZER_FILE, RunDir, ckpt_name, index_name
 from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -109,9 +108,9 @@ def _check_consistency(root: Path, report: VerifyReport, computed: dict[str, str
             report.problems.append(f"data/{rel} does not match its sha256 in data/manifest.json")
     n_chunks = int(manifest.get("num_chunks", 0))
     trained = n_chunks if cfg.train.max_chunks is None else min(n_chunks, cfg.train.max_chunks)
-    missing = [i for i in range(trained) if not (root / "checkpoints" / f"ckpt_{index_name(i)}").is_dir()]
+    missing = [i for i in range(trained) if not RunDir(root).ckpt_dir(i).is_dir()]
     if missing:
-        report.problems.append("chunks without a checkpoint: " + ", ".join(f"ckpt_{index_name(i)}" for i in missing))
+        report.problems.append("chunks without a checkpoint: " + ", ".join(ckpt_name(i) for i in missing))
     ok_ckpts = 0
     for c in sorted((root / "checkpoints").glob("*")):
         if not c.is_dir():
@@ -165,60 +164,29 @@ def replay_chunk(root: Path, i: int) -> dict:
     """Re-train chunk i of a release from its previous checkpoint; compare with ckpt_i."""
     from safetensors.torch import load_file
 
-    from llm360.train.loop import Trainer, read_trainer_state
+    from llm360.train import replay_chunk as retrain_chunk
 
-    target = root / "checkpoints" / f"ckpt_{index_name(i)}"
+    rd = RunDir(root)
     result: dict = {"chunk": i, "problems": []}
-    if not target.is_dir():
-        result["problems"].append(f"replay {i}: {target.name} is not in the release")
-        return result
-    cfg = load_config(root / "config.yaml")
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "max_chunks": i + 1, "checkpoint_every_steps": None, "tensorboard": False, "wandb": "off"})})
-    state_i = read_trainer_state(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f"llm360-replay-{index_name(i)}-"))
-    try:
-        (tmp / "checkpoints").mkdir()
-        os.symlink((root / "data").resolve(), tmp / "data")
-        if i > 0:
-            prev = root / "checkpoints" / f"ckpt_{index_name(i - 1)}"
-            if not prev.is_dir():
-                result["problems"].append(f"replay {i}: ckpt_{index_name(i - 1)} is not in the release")
-                return result
-            shutil.copytree(prev, tmp / "checkpoints" / prev.name)
-        trainer = Trainer(cfg, tmp, device="cpu" if cfg.train.deterministic else None)
-        try:
-            trainer.setup()
-            if i == 0 and (root / "checkpoints" / "init").is_dir():
-                init = load_file(str(root / "checkpoints" / "init" / "model.safetensors"))
-                _compare_tensors(trainer.model.state_dict(), init, "init weights (from the seed)", True,
-                                 result["problems"])
-            if i in state_i.get("skipped_chunks", []):
-                # the chunk was skipped by a guard: its checkpoint must hold the previous weights
-                trainer.save(f"ckpt_{index_name(i)}", chunk=i)
-                result["skipped_chunk"] = True
-            else:
-                reseeds = state_i.get("chunk_reseeds", {}).get(str(i))
-                if reseeds:
-                    trainer.state.chunk_reseeds[str(i)] = reseeds
-                lo, hi = int(trainer.index.first_step[i]), int(trainer.index.first_step[i + 1])
-                trainer.replay_skip_steps = {s for s in state_i.get("skipped_steps", []) if lo <= s < hi}
-                trainer.fit()
-        finally:
-            trainer.close()
-        replayed = tmp / "checkpoints" / target.name
-        exact = bool(cfg.train.deterministic) and trainer.info.device.type == "cpu"
-        result["mode"] = "bitwise" if exact else f"max abs diff <= {REPLAY_ATOL}"
-        worst = _compare_tensors(load_file(str(replayed / "model.safetensors")),
-                                 load_file(str(target / "model.safetensors")),
-                                 f"replay {i} weights", exact, result["problems"])
-        worst = max(worst, _compare_tensors(load_file(str(replayed / "optimizer.safetensors")),
-                                            load_file(str(target / "optimizer.safetensors")),
-                                            f"replay {i} optimizer state", exact, result["problems"]))
-        result["max_abs_diff"] = worst
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for need in [rd.ckpt_dir(i)] + ([rd.ckpt_dir(i - 1)] if i > 0 else []):
+        if not need.is_dir():
+            result["problems"].append(f"replay {i}: {need.name} is not in the release")
+            return result
+    replayed = retrain_chunk(root, i)  # follows the guard decisions ckpt_i recorded
+    if replayed.skipped_chunk:
+        result["skipped_chunk"] = True
+    if replayed.init_state is not None and rd.init_checkpoint.is_dir():
+        _compare_tensors(replayed.init_state, load_file(str(rd.init_checkpoint / MODEL_FILE)),
+                         "init weights (from the seed)", True, result["problems"])
+    exact = replayed.bitwise
+    result["mode"] = "bitwise" if exact else f"max abs diff <= {REPLAY_ATOL}"
+    target = rd.ckpt_dir(i)
+    worst = _compare_tensors(replayed.model_state, load_file(str(target / MODEL_FILE)),
+                             f"replay {i} weights", exact, result["problems"])
+    worst = max(worst, _compare_tensors(replayed.optimizer_state, load_file(str(target / OPTIMIZER_FILE)),
+                                        f"replay {i} optimizer state", exact, result["problems"]))
+    result["max_abs_diff"] = worst
+    return result
 
 
 # ---------------------------------------------------------------------------------- rederive

@@ -3,7 +3,8 @@
 Every reader here returns what it could read plus a note for what it could not: a missing file is
 "not available", a malformed file is a note with the reason, and a malformed line of a JSONL file
 is skipped and counted. Nothing here writes, hashes big files or imports torch: a report of a
-360-checkpoint run reads small JSON files and the headers of the safetensors files only.
+360-checkpoint run reads small JSON files and the headers of the safetensors files only
+(:func:`llm360.rundir.tensorio.read_header`). Names and listings are :mod:`llm360.rundir.layout`'s.
 """
 
 from __future__ import annotations
@@ -11,20 +12,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm360.rundir.layout import RunDir
+from llm360.errors import CheckpointError
+from llm360.rundir.layout import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RunDir,
+    has_marker,
+    list_checkpoints,
+    parse_ckpt_name,
+)
+from llm360.rundir.tensorio import read_header
 
 logger = logging.getLogger(__name__)
-
-_CKPT_RE = re.compile(r"ckpt_(\d{3,})")
-MARKER = "COMPLETE.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass
@@ -101,6 +104,8 @@ class RunFacts:
     document_tables: list[str] = field(default_factory=list)
     """data/documents/*.jsonl.gz: every document's fate (used, held out, rejected and why)."""
     code_snapshot: str | None = None
+    code_info: dict[str, Any] | None = None
+    """code.json (written by `llm360 release`): llm360 version, git commit and dirty flag, package versions."""
 
     @property
     def chunk_checkpoints(self) -> list[Checkpoint]:
@@ -171,28 +176,22 @@ def read_jsonl(path: Path, facts: RunFacts) -> Jsonl:
     return out
 
 
-def safetensors_header(path: Path) -> dict[str, Any] | None:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes), without reading the tensors."""
+def _safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes); None if it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= _MAX_HEADER:
-                return None
-            header = json.loads(f.read(size))
-    except (OSError, ValueError):
+        return read_header(path)
+    except (OSError, CheckpointError):
         return None
-    return header if isinstance(header, dict) else None
 
 
 def _ckpt(path: Path, facts: RunFacts) -> Checkpoint:
-    m = _CKPT_RE.fullmatch(path.name)
     ck = Checkpoint(
-        name=path.name, index=int(m.group(1)) if m else None, path=path,
+        name=path.name, index=parse_ckpt_name(path.name), path=path,
         has_model=(path / MODEL_FILE).is_file(), has_optimizer=(path / OPTIMIZER_FILE).is_file(),
-        complete=(path / MARKER).is_file(),
+        complete=has_marker(path),
     )  # fmt: skip
     if ck.has_model:
-        header = safetensors_header(path / MODEL_FILE)
+        header = _safetensors_header(path / MODEL_FILE)
         if header is None:
             facts.notes.append(f"{_rel(facts.root, path / MODEL_FILE)}: header unreadable")
         else:
@@ -203,23 +202,15 @@ def _ckpt(path: Path, facts: RunFacts) -> Checkpoint:
             except (TypeError, ValueError):
                 facts.notes.append(f"{_rel(facts.root, path / MODEL_FILE)}: header has malformed shapes")
     if ck.has_optimizer:
-        header = safetensors_header(path / OPTIMIZER_FILE)
+        header = _safetensors_header(path / OPTIMIZER_FILE)
         ck.optimizer_tensors = None if header is None else sum(1 for k in header if k != "__metadata__")
     return ck
 
 
 def _checkpoints(facts: RunFacts, root: Path) -> None:
-    folder = RunDir(root).checkpoints
-    if not folder.is_dir():
-        return
-    found = []
-    for p in folder.iterdir():
-        if not p.is_dir() or p.name.startswith("."):
-            continue  # temporary folders of a save in progress start with a dot
-        m = _CKPT_RE.fullmatch(p.name)
-        if m or p.name == "init":
-            found.append((int(m.group(1)) if m else -1, p))
-    for _, p in sorted(found):
+    rd = RunDir(root)
+    init = [rd.init_checkpoint] if rd.init_checkpoint.is_dir() else []
+    for p in init + [p for _, p in list_checkpoints(rd.checkpoints)]:
         facts.checkpoints.append(_ckpt(p, facts))
 
 
@@ -293,9 +284,7 @@ def _eval(facts: RunFacts, root: Path) -> None:
     rows_by: dict[str, dict[str, Any]] = {}
     columns: dict[str, None] = {}
     tasks: dict[str, dict[str, Any]] = {}
-    dirs = sorted((int(m.group(1)), p) for p in folder.iterdir()
-                  if (m := _CKPT_RE.fullmatch(p.name)) and p.is_dir())  # fmt: skip
-    for _, d in dirs:
+    for _, d in list_checkpoints(folder):
         for f in sorted(d.glob("*.json")):
             data, _ = read_json(f, facts, what="this result")
             if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
@@ -378,6 +367,8 @@ def collect(run_dir: str | Path) -> RunFacts:
 
 
 def _code(facts: RunFacts, root: Path) -> None:
+    info, _ = read_json(root / "code.json", facts, what="code provenance")
+    facts.code_info = info if isinstance(info, dict) else None
     for name in ("code", "source", "src"):
         if (root / name).is_dir() and any((root / name).iterdir()):
             facts.code_snapshot = f"{name}/"

@@ -35,6 +35,7 @@ from llm360.report.svg import (
     to_float,
 )
 from llm360.report.transparency import transparency_rows
+from llm360.rundir.layout import parse_ckpt_name
 
 MAX_EVENT_ROWS = 500
 """Events listed in the table (all are counted; a run with more shows the first ones and says so)."""
@@ -145,11 +146,6 @@ def as_text(x: Any, default: str = "") -> str:
 def pct(x: Any) -> str:
     v = as_num(x)
     return f"{v:.1%}" if v is not None else "—"
-
-
-def ckpt_index(name: str) -> int | None:
-    tail = name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else None
 
 
 def pick(n: int, k: int) -> list[int]:
@@ -548,8 +544,10 @@ def eval_section(facts: RunFacts, ids: Ids) -> Section:
     e = facts.eval
     if e is None:
         return Section("evaluations", "Evaluations", na(facts.eval_error or "no evaluation results"), False)
-    rows = sorted(e.rows, key=lambda r: (ckpt_index(r["checkpoint"]) is None, ckpt_index(r["checkpoint"]) or 0))
-    by_x = {i: r for r in rows if (i := ckpt_index(r["checkpoint"])) is not None}
+    # chunk checkpoints by index, then the other models (fine-tuned ones), which are not on the x axis
+    rows = sorted(e.rows, key=lambda r: (parse_ckpt_name(r["checkpoint"]) is None,
+                                         parse_ckpt_name(r["checkpoint"]) or 0))  # fmt: skip
+    by_x = {i: r for r in rows if (i := parse_ckpt_name(r["checkpoint"])) is not None}
 
     def extra(x: float) -> str | None:
         r = by_x.get(int(x))
@@ -606,7 +604,7 @@ def memorization_section(facts: RunFacts, ids: Ids) -> Section:
     if s is None:
         return Section("memorization", title, _memorization_metas_only(facts, ids), True)
     names = [as_text(n) for n in as_list(s.get("checkpoints"))]
-    chunk_of = [as_int(c) for c in as_list(s.get("checkpoint_chunk"))] or [ckpt_index(n) for n in names]
+    chunk_of = [as_int(c) for c in as_list(s.get("checkpoint_chunk"))] or [parse_ckpt_name(n) for n in names]
     settings = as_dict(s.get("settings"))
     k, L = as_int(settings.get("prompt_tokens")), as_int(settings.get("continuation_tokens"))
     dist, dist_u = as_dict(s.get("distribution")), as_dict(s.get("distribution_unseen"))
@@ -775,10 +773,17 @@ def contamination_section(facts: RunFacts, ids: Ids) -> Section:
         top = [x for x in as_list(tasks[n].get("top_examples")) if isinstance(x, dict)]
         if not top:
             continue
-        trs = [(x.get("contamination"), as_text(_get(x, "first_occurrence", "checkpoint")) or "—",
+        trs = [(x.get("contamination"), _first_seen_in(x),
                 Raw(f"<code>{esc(as_text(x.get('matched_ngram')))}</code>"), as_text(x.get("text"))[:300])
                for x in top]  # fmt: skip
         parts.append(f"<details><summary>{esc(n)}: most contaminated examples</summary>"
                      + table(("contamination", "first seen in", "matched n-gram", "example"), trs, numeric=(0,))
                      + "</details>")  # fmt: skip
     return Section("contamination", title, "".join(parts), True)
+
+
+def _first_seen_in(example: dict[str, Any]) -> str:
+    """The first checkpoint trained on an example's n-grams (chunks a guard skipped left out), or "—"."""
+    if "first_seen_by" in example:
+        return as_text(example["first_seen_by"]) or "—"
+    return as_text(_get(example, "first_occurrence", "checkpoint")) or "—"  # a result file without first_seen_by

@@ -2,12 +2,13 @@
 
 Each row says yes / partial / no and the evidence: which files were found. Nothing is assumed:
 a run that lost its optimizer states says "no" for them, one trained on 3 of 360 chunks says
-"partial" for its checkpoints.
+"partial" for its checkpoints. The rows are computed here once, from
+:func:`llm360.report.collect.collect`'s facts about a run directory or a release folder (same
+layout): the report renders them as HTML and the release's MODEL_CARD.md as Markdown.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from llm360.report.collect import RunFacts
@@ -17,11 +18,16 @@ YES, PARTIAL, NO = "yes", "partial", "no"
 
 @dataclass
 class Row:
+    """One line of the table: what is released, whether it is, and which files say so."""
+
     key: str
     """Stable id (``data-row`` on the page, used by tests)."""
     label: str
+    """The paper's name for the item ("Model checkpoints")."""
     status: str
+    """YES, PARTIAL or NO."""
     evidence: str
+    """The files found (or missing) and their counts, in a sentence."""
 
 
 def _int(x: object) -> int | None:
@@ -51,17 +57,14 @@ def _span(names: list[str]) -> str:
 
 
 def _code(facts: RunFacts) -> Row:
-    code = facts.root / "code.json" if getattr(facts, "root", None) else None
-    if code is not None and code.is_file():  # written by `llm360 release`
-        try:
-            info = json.loads(code.read_text(encoding="utf-8"))
-            git = info.get("git") or {}
-            commit = git.get("commit") or "unknown commit"
-            dirty = " (uncommitted changes)" if git.get("dirty") else ""
-            return Row("code", "Code", YES, f"llm360 {info.get('llm360_version')}, {commit}{dirty}, "
-                       f"{len(info.get('packages') or {})} package versions in code.json")
-        except (OSError, ValueError, AttributeError):
-            pass
+    info = facts.code_info
+    if info is not None:  # code.json, written by `llm360 release`
+        git = info.get("git") if isinstance(info.get("git"), dict) else {}
+        commit = git.get("commit") or "unknown"
+        dirty = " (uncommitted changes)" if git.get("dirty") else ""
+        packages = info.get("packages") if isinstance(info.get("packages"), dict) else {}
+        return Row("code", "Code", YES, f"llm360 {info.get('llm360_version')}, commit {commit}{dirty}, "
+                   f"{_plural(len(packages), 'package version')} in code.json")  # fmt: skip
     if facts.code_snapshot:
         return Row("code", "Code", YES, f"code snapshot shipped in {facts.code_snapshot}")
     version = None
@@ -169,7 +172,8 @@ def _available(facts: RunFacts) -> Row:
         parts.append(f"token ids: {_plural(len(facts.chunk_files), 'chunk file')}")
     if facts.source_text_files:
         files = facts.source_text_files
-        parts.append(f"source text: {', '.join(files[:6])}" + (" …" if len(files) > 6 else ""))
+        parts.append(f"raw documents of {_plural(len(files), 'source')}: {', '.join(files[:6])}"
+                     + (" …" if len(files) > 6 else ""))
     elif facts.chunk_files:
         parts.append("source text not snapshotted (data/sources/ absent; decode the token ids with the tokenizer)")
     if facts.document_tables:

@@ -16,6 +16,7 @@ from typing import Any
 
 from llm360.config import TrainConfig
 from llm360.errors import ConfigError
+from llm360.rundir.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,11 @@ class JsonlWriter:
 
 
 def truncate_jsonl_from_step(path: Path, step: int) -> int:
-    """Drop lines with "step" >= step (they will be trained again after a resume); returns dropped count."""
+    """Drop lines with "step" >= step (they will be trained again after a resume); returns dropped count.
+
+    Lines a kill cut short are dropped too. The file is rewritten atomically, and only when
+    something was dropped.
+    """
     if not path.is_file():
         return 0
     keep, dropped = [], 0
@@ -61,9 +66,7 @@ def truncate_jsonl_from_step(path: Path, step: int) -> int:
             keep.append(line if line.endswith("\n") else line + "\n")
     if not dropped:
         return 0  # nothing to drop: leave the file untouched
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(keep))  # a kill leaves the old file or the new one, never half
     return dropped
 
 

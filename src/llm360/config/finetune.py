@@ -1,8 +1,9 @@
-"""The `finetune` config section: SFT (AmberChat's recipe) and DPO (AmberSafe's) with their defaults.
+"""The `finetune` section: SFT (AmberChat's recipe) and DPO (AmberSafe's) with their defaults.
 
-The defaults *are* the paper's presets, so ``llm360 finetune sft`` with no overrides follows
+The defaults *are* the paper's recipes, so ``llm360 finetune sft`` with no overrides follows
 AmberChat and ``llm360 finetune dpo`` follows AmberSafe; any field can be overridden
-(``--set finetune.sft.lr=1e-4``). :data:`PRESETS` names them, for configs that want to say so.
+(``--set finetune.sft.lr=1e-4``). :data:`llm360.config.presets.FINETUNE_PRESETS` names them, for
+configs that want to say so.
 
 Values the paper states: AmberChat SFT lr 2e-5, 3 epochs, warmup ratio 0.04, gradient accumulation
 16; AmberSafe DPO beta 0.1, lr 5e-7, gradient accumulation 4. Everything else is this framework's
@@ -11,17 +12,14 @@ choice and documented as such in the field's docstring.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from llm360.errors import ConfigError
+from llm360.config.base import Section, seed_field
 
-# Only `Section` at import time: llm360.config imports this module to put FinetuneConfig into RunConfig.
-from llm360.section import Section
-
-Kind = Literal["sft", "dpo"]
-KINDS: tuple[str, ...] = ("sft", "dpo")
+FinetuneKind = Literal["sft", "dpo"]
+FINETUNE_KINDS: tuple[str, ...] = ("sft", "dpo")
 
 
 class _TrainingSection(Section):
@@ -55,7 +53,7 @@ class _TrainingSection(Section):
     """chat: plain-string prompts and responses become user/assistant turns rendered by the chat template; raw: plain strings are trained on as they are (messages are refused)."""
     chat_template: str = "auto"
     """auto: the tokenizer's own chat template, else llm360's plain-text one (`<|user|>`/`<|assistant|>` markers, no new tokens); llm360: always llm360's; or a path to a Jinja file."""
-    seed: int = 42
+    seed: int = seed_field(42)
     """Seed of the data order and of every RNG the trainer uses."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast with fp32 weights on a GPU that supports it, fp32 on CPU; saved weights are always fp32."""
@@ -106,66 +104,11 @@ class FinetuneConfig(Section):
 
 
 def check_output_name(name: str) -> str:
-    """An output name is one plain folder name: letters, digits, `-`, `_`, `.`; not hidden."""
+    """name, checked to be one plain folder name (letters, digits, `-`, `_`, `.`; not hidden);
+    raises ValueError (which pydantic reports as a field error) otherwise."""
     ok = name and not name.startswith(".") and all(c.isalnum() or c in "-_." for c in name)
     if not ok:
         raise ValueError(
             f"output name {name!r} must be a plain folder name (letters, digits, '-', '_', '.'; not starting with '.')"
         )
     return name
-
-
-PRESETS: dict[str, tuple[Kind, dict[str, Any]]] = {
-    "amberchat": ("sft", {}),
-    "ambersafe": ("dpo", {}),
-}
-"""Named recipes of the paper: preset -> (kind, fields that differ from the section's defaults)."""
-
-
-def finetune_config(
-    kind: Kind,
-    *,
-    base: SftConfig | DpoConfig | dict[str, Any] | None = None,
-    preset: str | None = None,
-    overrides: list[str] | None = None,
-) -> SftConfig | DpoConfig:
-    """The config of one fine-tuning run: defaults (or `base`), a preset, then dotted overrides.
-
-    Overrides may be written relative to the section (``lr=1e-4``) or in full
-    (``finetune.sft.lr=1e-4``). Raises ConfigError naming the field and what it means.
-    """
-    from llm360.config import _format_validation_error, apply_override, parse_override
-
-    if kind not in KINDS:
-        raise ConfigError(f"unknown fine-tuning kind {kind!r}; use one of {', '.join(KINDS)}")
-    cls = SftConfig if kind == "sft" else DpoConfig
-    raw: dict[str, Any] = {}
-    if isinstance(base, Section):
-        raw = base.model_dump(mode="json")
-    elif isinstance(base, dict):
-        raw = dict(base)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown fine-tuning preset {preset!r}; presets are {sorted(PRESETS)}")
-        pkind, fields = PRESETS[preset]
-        if pkind != kind:
-            raise ConfigError(f"preset {preset!r} is a {pkind} recipe, not {kind}")
-        raw.update(fields)
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        if keys[0] == "finetune":
-            keys = keys[1:]
-        if keys and keys[0] in KINDS:
-            if keys[0] != kind:
-                continue  # the other kind's section: not used by this run
-            keys = keys[1:]
-        if not keys:
-            raise ConfigError(
-                f"--set {item!r}: name a field of finetune.{kind}, e.g. finetune.{kind}.lr=1e-4"
-            )
-        apply_override(raw, keys, value)
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as e:
-        msg = _format_validation_error(e, cls, raw)
-        raise ConfigError(msg.replace("invalid config:", f"invalid finetune.{kind} config:", 1)) from None

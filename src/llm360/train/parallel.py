@@ -1,4 +1,9 @@
-"""Process groups and data parallelism, applied to the model from outside (the model has none).
+"""Parallelism, applied to the model from outside (the model has none), and the state it shards.
+
+Process groups and collectives (:func:`init_distributed`, :func:`together`, ...); DDP, FSDP2 and
+activation checkpointing (:func:`parallelize`); gathering sharded state into full tensors and
+scattering it back (the consolidated checkpoint stays the one format); and the sharded copies
+under ``checkpoints/dcp`` that let an FSDP run resume without a full-size copy anywhere.
 
 Under ``torchrun`` each process reads RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on GPU.
 Without torchrun everything here is a no-op with world size 1.
@@ -9,9 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from llm360.errors import CheckpointError, ConfigError, DataError, Llm360Error, RunDirError
-from llm360.rundir.atomic import fsync_dir
+from llm360.model.load import resolve_device
+from llm360.rundir.atomic import atomic_write_text, fsync_tree, install, is_leftover, remove_tree, staged
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +47,18 @@ class DistInfo:
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group if there is one; pick the device."""
+    """Join the torchrun process group if there is one; pick the device.
+
+    ``device`` as for :func:`llm360.model.load.resolve_device` (None: cuda when available); on
+    CUDA each process takes the GPU of its LOCAL_RANK. Raises ConfigError for cuda without one.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, where="device")
+    use_cuda = dev.type == "cuda"
     if use_cuda:
+        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -255,24 +265,43 @@ DCP_MARKER = "llm360_dcp.json"
 
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, step: int, info: DistInfo) -> None:
-    """Every rank: write the sharded model + optimizer state to folder (tmp, then rename; marker last)."""
+    """Every rank: write the sharded model + optimizer state to folder, complete or absent.
+
+    Rank 0 stages a hidden folder beside ``folder`` (:func:`llm360.rundir.atomic.staged`) and tells
+    the others its name; every rank writes its own shards there (DCP fsyncs each file); after a
+    barrier rank 0 writes the marker, fsyncs the folders and renames it in
+    (:func:`llm360.rundir.atomic.install`: an older copy of the same name is moved aside first and
+    deleted only once the new one is in place). Collective: every rank must call it.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(info)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    barrier(info)
-    if info.is_main:
-        (tmp / DCP_MARKER).write_text(json.dumps({"step": step, "world_size": info.world_size}) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-    barrier(info)
+    with (staged(folder) if info.is_main else nullcontext(None)) as tmp:
+        tmp = Path(broadcast_object(None if tmp is None else str(tmp), info))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        barrier(info)
+        if info.is_main:
+            atomic_write_text(tmp / DCP_MARKER, json.dumps({"step": step, "world_size": info.world_size}) + "\n")
+            fsync_tree(tmp, files=False)
+            install(tmp, folder)
+        barrier(info)
+
+
+def remove_sharded_leftovers(folder: Path) -> None:
+    """Delete what interrupted sharded-copy writes left in folder (``checkpoints/dcp``).
+
+    Call it from rank 0 while it holds the run directory's lock and before any save, so nothing
+    there is being written. A copy moved aside by an interrupted replace is deleted, not restored: a
+    copy only speeds a resume up, and one restored under a name whose consolidated checkpoint was
+    saved again since could pass for the new one's.
+    """
+    if not folder.is_dir():
+        return
+    for e in sorted(folder.iterdir()):
+        if is_leftover(e.name):
+            logger.warning("removing %s, left by an interrupted save of a sharded copy", e)
+            remove_tree(e)
 
 
 def sharded_copy_step(folder: Path) -> int | None:

@@ -1,4 +1,4 @@
-"""The `eval` section of the run config: which tasks, on what device, how incremental runs behave."""
+"""The `eval` section: which tasks, on what device, how incremental and watch runs behave."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from llm360.section import Section
+from llm360.config.base import Section, seed_field
 
 
 class EvalConfig(Section):
@@ -26,7 +26,7 @@ class EvalConfig(Section):
     """Held-out rows per source used for perplexity (the first N, always the same ones); null: all."""
     limit: int | None = Field(None, ge=1)
     """Only the first N examples of each lm-eval task (quick checks); results record the limit."""
-    fewshot_seed: int = 1234
+    fewshot_seed: int = seed_field(1234)
     """Seed of lm-eval's few-shot example sampling (the Open LLM Leaderboard used 1234)."""
     bootstrap_iters: int = Field(1000, ge=0)
     """Bootstrap resamples for the standard error of metrics that are not means (0: none)."""
@@ -44,8 +44,10 @@ class EvalConfig(Section):
     @field_validator("checkpoints", mode="before")
     @classmethod
     def _names(cls, v: object) -> object:
-        if isinstance(v, list):  # `--set eval.checkpoints=[3,5]` gives ints
-            return [f"ckpt_{x:03d}" if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        # `--set eval.checkpoints=[3,5]` gives ints: kept as chunk indices ("3"), which the evaluation
+        # turns into checkpoint names (the run directory's format spells them, not the config)
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
         return v
 
     @field_validator("tasks")

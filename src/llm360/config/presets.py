@@ -1,0 +1,187 @@
+"""Every named preset: the run presets (embedded, amber, crystalcoder), the model architectures
+by name, and the fine-tuning recipes (amberchat, ambersafe).
+
+A run preset is a raw dict (what a YAML file would hold), merged under the user's file and
+overrides by :func:`llm360.config.load.load_config`; a function per preset, so every call hands
+out a fresh dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from llm360.config.finetune import FinetuneKind
+
+
+def _embedded_sources() -> list[dict]:
+    return [
+        {"name": "code", "kind": "embedded", "embedded": "code", "snapshot": True},
+        {"name": "docs", "kind": "embedded", "embedded": "docs", "snapshot": True},
+        {"name": "package-docs", "kind": "embedded", "embedded": "package-docs", "snapshot": True},
+        {"name": "licenses", "kind": "embedded", "embedded": "licenses", "snapshot": True},
+    ]
+
+
+# Amber's mix in billions of tokens (the paper's Table 2).
+AMBER_MIX_BTOKENS = {
+    "arxiv": 30.00,
+    "book": 28.86,
+    "c4": 197.67,
+    "refinedweb": 665.01,
+    "starcoder": 291.92,
+    "stackexchange": 21.75,
+    "wikipedia": 23.90,
+}
+
+
+def _preset_embedded() -> dict:
+    return {
+        "name": "embedded-default",
+        "preset": "embedded",
+        "data": {
+            "seq_len": 128,
+            "sources": _embedded_sources(),
+            "stages": [
+                {
+                    "name": "main",
+                    "chunks": 6,
+                    # ~0.7M tokens: a few minutes of CPU training; every licence text is kept
+                    # (with its natural duplicates, memorization shows), the rest sub-sampled.
+                    "mix": [
+                        {"source": "code", "weight": 0.03},
+                        {"source": "docs", "weight": 1.0},
+                        {"source": "package-docs", "weight": 0.3},
+                        {"source": "licenses", "weight": 1.0},
+                    ],
+                }
+            ],
+            "tokenizer": {"kind": "train", "vocab_size": 4096},
+        },
+        "model": {"name": "tiny"},
+        "eval": {"tasks": ["perplexity", "demo"]},
+        "analysis": {
+            "memorization": {"rows_per_chunk": 200},
+            "contamination": {"tasks": ["llm360_demo_licence_mc", "llm360_demo_next_line_mc",
+                                        "llm360_demo_complete_line"]},
+        },
+        # The paper's AmberChat lr barely moves a tiny model in a demo's minutes.
+        "finetune": {"sft": {"lr": 1e-3, "micro_batch_size": 8, "gradient_accumulation": 1, "epochs": 1}},
+    }
+
+
+def _preset_amber() -> dict:
+    return {
+        "name": "amber",
+        "preset": "amber",
+        "data": {
+            "seq_len": 2048,
+            "sources": [{"name": n, "kind": "jsonl", "paths": []} for n in AMBER_MIX_BTOKENS],
+            "stages": [
+                {"name": "main", "chunks": 360, "mix": [{"source": n} for n in AMBER_MIX_BTOKENS]}
+            ],
+            "tokenizer": {"kind": "file", "path": None, "vocab_size": 32000, "eos_token": "</s>"},
+            "valid_fraction": 0.001,
+        },
+        "model": {"name": "amber-7b"},
+        "eval": {"tasks": ["perplexity", "openllm"]},
+        "train": {
+            "global_batch_sequences": 2240,
+            "micro_batch_sequences": 4,
+            "lr": 3e-4,
+            "min_lr": 3e-5,
+            "warmup_steps": 2000,
+            "weight_decay": 0.1,
+            "beta1": 0.9,
+            "beta2": 0.95,
+            "grad_clip": 1.0,
+            "precision": "auto",
+        },
+    }
+
+
+def _preset_crystalcoder() -> dict:
+    slim = "slimpajama"
+    return {
+        "name": "crystalcoder",
+        "preset": "crystalcoder",
+        "data": {
+            "seq_len": 2048,
+            "sources": [
+                {"name": slim, "kind": "jsonl", "paths": []},
+                {"name": "starcoder", "kind": "jsonl", "paths": []},
+                {"name": "python-web-code", "kind": "jsonl", "paths": []},
+            ],
+            "stages": [
+                {"name": "stage1", "chunks": 143, "mix": [{"source": slim, "part": [0.0, 0.5]}]},
+                {
+                    "name": "stage2",
+                    "chunks": 143,
+                    "mix": [
+                        {"source": slim, "part": [0.5, 1.0]},
+                        {"source": "starcoder", "weight": 2.0},
+                    ],
+                },
+                {
+                    "name": "stage3",
+                    "chunks": 29,
+                    "mix": [
+                        {"source": "python-web-code"},
+                        # a ~10B-token sample of SlimPajama (~627B tokens in all)
+                        {"source": slim, "weight": 0.016},
+                    ],
+                },
+            ],
+            "tokenizer": {"kind": "file", "path": None, "vocab_size": 32032, "eos_token": "</s>"},
+            "valid_fraction": 0.001,
+        },
+        "model": {"name": "crystalcoder-7b"},
+        "eval": {"tasks": ["perplexity", "openllm", "code"]},
+    }
+
+
+# Model architectures by name; `model.name: amber-7b` fills these, explicit fields win.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 128, "intermediate_size": 384, "num_layers": 2, "num_heads": 4},
+    "125m": {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 12, "num_heads": 12},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5504, "num_layers": 16, "num_heads": 16},
+    # The paper's Table 3: LLaMA-7B.
+    "amber-7b": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_layers": 32,
+        "num_heads": 32,
+        "max_seq_len": 2048,
+        "norm": "rmsnorm",
+        "norm_eps": 1e-6,
+    },
+    # CrystalCoder: LayerNorm, RoPE on 25% of each head's dims, muP (values of the released config).
+    "crystalcoder-7b": {
+        "vocab_size": 32032,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_layers": 32,
+        "num_heads": 32,
+        "max_seq_len": 2048,
+        "norm": "layernorm",
+        "norm_eps": 1e-5,
+        "rope_fraction": 0.25,
+        "mup": {"base_width": 256, "embedding_multiplier": 14.6, "output_multiplier": 2.22},
+    },
+}
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "embedded": _preset_embedded,
+    "amber": _preset_amber,
+    "crystalcoder": _preset_crystalcoder,
+}
+"""Run presets by name: `--preset NAME` or a top-level `preset: NAME` in a config file."""
+
+
+FINETUNE_PRESETS: dict[str, tuple[FinetuneKind, dict[str, Any]]] = {
+    "amberchat": ("sft", {}),
+    "ambersafe": ("dpo", {}),
+}
+"""Named recipes of the paper: preset -> (kind, fields that differ from the section's defaults)."""
