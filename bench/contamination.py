@@ -16,7 +16,6 @@ lines fit seconds = fixed + tokens / throughput.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -27,28 +26,7 @@ import numpy as np
 
 from llm360.analysis.contamination import build_eval_index, scan_training_data
 from llm360.rundir.data import DataStore
-
-ROW = 2049
-VOCAB = 32000
-
-
-def write_run(root: Path, tokens: int, chunk_tokens: int, seed: int) -> DataStore:
-    data = root / "data"
-    data.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    rows_total = tokens // ROW
-    rows_per_chunk = max(1, chunk_tokens // ROW)
-    chunks = []
-    for c, start in enumerate(range(0, rows_total, rows_per_chunk)):
-        rows = min(rows_per_chunk, rows_total - start)
-        name = f"chunk_{c:03d}.npy"
-        np.save(data / name, rng.integers(0, VOCAB, (rows, ROW), dtype=np.uint16))
-        chunks.append({"file": name, "rows": rows, "index": c, "sha256": f"synthetic-{seed}-{c}"})
-    manifest = {"format": "llm360-data", "token_dtype": "uint16", "row_length": ROW, "seq_len": ROW - 1,
-                "vocab_size": VOCAB, "num_chunks": len(chunks), "chunks": chunks, "eos_id": 0}  # fmt: skip
-    (data / "manifest.json").write_text(json.dumps(manifest))
-    os.sync()  # written back to disk (still in the page cache), so no writeback competes with the scan
-    return DataStore(data)
+from synthetic import ROW, VOCAB, write_run
 
 
 def eval_set(store: DataStore, examples: int, length: int, seed: int) -> list[np.ndarray]:

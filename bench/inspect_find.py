@@ -20,7 +20,6 @@ Both must report the same exact matches. Prints tokens/s of each and the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -31,29 +30,7 @@ import numpy as np
 
 from llm360.analysis.find import longest_runs
 from llm360.rundir.data import DataStore
-
-ROW = 2049
-VOCAB = 32000
-
-
-def write_data(root: Path, tokens: int, chunk_tokens: int, seed: int) -> DataStore:
-    data = root / "data"
-    data.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    rows_total, rows_per_chunk = tokens // ROW, max(1, chunk_tokens // ROW)
-    weights = 1.0 / np.arange(1, VOCAB + 1) ** 1.1
-    weights /= weights.sum()
-    chunks = []
-    for c, start in enumerate(range(0, rows_total, rows_per_chunk)):
-        rows = min(rows_per_chunk, rows_total - start)
-        name = f"chunk_{c:03d}.npy"
-        np.save(data / name, rng.choice(VOCAB, size=(rows, ROW), p=weights).astype(np.uint16))
-        chunks.append({"file": name, "rows": rows, "index": c})
-    manifest = {"format": "llm360-data", "token_dtype": "uint16", "row_length": ROW, "seq_len": ROW - 1,
-                "vocab_size": VOCAB, "num_chunks": len(chunks), "chunks": chunks}  # fmt: skip
-    (data / "manifest.json").write_text(json.dumps(manifest))
-    os.sync()
-    return DataStore(data)
+from synthetic import ROW, VOCAB, write_run
 
 
 def sliding_window(store: DataStore, query: np.ndarray, block_rows: int) -> set[tuple[int, int, int]]:
@@ -97,7 +74,7 @@ def main() -> None:
           f"{args.query_tokens}-token queries, best of {args.repeat}; {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}, numpy {np.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_data(Path(tmp), tokens, int(args.chunk_tokens * 1e6), seed=0)
+        store = write_run(Path(tmp), tokens, int(args.chunk_tokens * 1e6), seed=0, zipf=1.1)
         scanned = sum(store.rows_per_chunk) * ROW
         rng = np.random.default_rng(1)
         c = int(rng.integers(store.num_chunks))

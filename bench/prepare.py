@@ -1,14 +1,19 @@
 """End-to-end `llm360 prepare` throughput against the baselines a user would otherwise use.
 
-Measured in one run, on the same JSONL text and the same tokenizer:
+Measured in one run, on the same JSONL text and the same tokenizer, at 1x, 4x and 16x the corpus:
   floor     `tokenizers` encode_batch alone on texts already in memory
   datasets  `datasets.load_dataset("json")` + `.map(batched=True, num_proc=N)` tokenization + one
             numpy array written to disk (what a user would otherwise write)
-  llm360    `llm360 prepare` end to end (read, split, tokenize, pack, permute, chunk, provenance,
-            manifest with sha256 of every file)
-Then time and peak RSS of `llm360 prepare` at 1x, 4x and 16x the corpus (each in a fresh process).
+  llm360    `llm360 prepare` end to end (map: read, split, tokenize; plan; scatter; reduce: chunks,
+            provenance, documents tables, sha256 manifest): in-process with 1 and with N
+            single-threaded workers (each a fresh process), and on a 3-node Ray cluster on
+            127.0.0.1 inside a network namespace this script creates (`unshare -n`; root)
+For each: seconds, tokens/s, tokens per CPU-second (every process it used, workers included),
+peak RSS of the largest task (the process that ran it), and the scratch folder's peak size
+beside the output. Then per-core rates and the scaling from 1 to N workers, for the cluster
+extrapolation in bench/RESULTS.md.
 
-    python bench/prepare.py --mb 16 --workers 2
+    python bench/prepare.py --mb 4 --workers 2 --scales 1,4,16
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,27 +89,33 @@ def train_tokenizer(corpus: Path, out: Path) -> Path:
     return path
 
 
-def bench_floor(corpus: Path, tok_path: Path) -> tuple[float, int]:
+def _cpu() -> float:
+    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def bench_floor(corpus: Path, tok_path: Path) -> dict:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tok_path))
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     n = 0
     for i in range(0, len(texts), 512):
         n += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 512], add_special_tokens=False))
-    return time.perf_counter() - t0, n
+    return {"s": time.perf_counter() - t0, "cpu": _cpu() - c0, "tokens": n}
 
 
-def bench_datasets(corpus: Path, tok_path: Path, workers: int, tmp: Path) -> tuple[float, int]:
+def bench_datasets(corpus: Path, tok_path: Path, workers: int, tmp: Path) -> dict:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     import datasets
     from transformers import PreTrainedTokenizerFast
 
     datasets.disable_progress_bars()
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), eos_token="<|endoftext|>")
-    t0 = time.perf_counter()
+    shutil.rmtree(tmp / "hf", ignore_errors=True)
+    t0, c0 = time.perf_counter(), _cpu()
     ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(tmp / "hf"))
 
     def tokenize(batch):
@@ -113,92 +125,250 @@ def bench_datasets(corpus: Path, tok_path: Path, workers: int, tmp: Path) -> tup
                 remove_columns=["text"])
     ids = np.concatenate([np.asarray(x, dtype=np.uint16) for x in ds["ids"]])
     np.save(tmp / "datasets_tokens.npy", ids)
-    return time.perf_counter() - t0, int(ids.size)
+    out = {"s": time.perf_counter() - t0, "cpu": _cpu() - c0, "tokens": int(ids.size)}
+    del ds
+    shutil.rmtree(tmp / "hf", ignore_errors=True)
+    (tmp / "datasets_tokens.npy").unlink()
+    return out
 
 
 def prepare_config(corpus: Path, tok_path: Path, out: Path) -> Path:
-    import yaml
-
     cfg = {"data": {
         "seq_len": 2048, "chunks": 4, "valid_fraction": 0.001,
         "sources": [{"name": "bench", "kind": "jsonl", "paths": [str(corpus)]}],
         "tokenizer": {"kind": "file", "path": str(tok_path)},
     }}
-    path = out / "bench.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = out / "bench.json"
+    path.write_text(json.dumps(cfg))
     return path
 
 
-def run_prepare(cfg: Path, run_dir: Path, workers: int) -> tuple[float, float, int]:
-    """Seconds, peak RSS (MB) of a fresh `llm360 prepare` process, tokens packed."""
-    code = (
-        "import sys, time, resource, json; from llm360.config import load_config; "
-        "from llm360.data.prepare import prepare; t=time.perf_counter(); "
-        f"r=prepare(load_config({str(cfg)!r}), {str(run_dir)!r}, workers={workers}); "
-        "print(json.dumps({'s': time.perf_counter()-t, 'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, "
-        "'children_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, "
-        "'tokens': sum(s['tokens_train_documents']+s['tokens_valid_documents'] for s in r.manifest['sources'].values())}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    return res["s"], max(res["rss"], res["children_rss"]), res["tokens"]
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for top, _, names in os.walk(folder):
+        for n in names:
+            try:
+                total += os.stat(os.path.join(top, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class _ScratchWatch:
+    """Samples the size of a run's scratch folder (``.prepare/`` less the data set being built) while it runs."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.peak, self._stop = run_dir, 0, threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            scratch = self.run_dir / ".prepare"
+            if scratch.is_dir():
+                build = sum(_folder_bytes(d) for d in scratch.glob("*/data-*"))
+                self.peak = max(self.peak, _folder_bytes(scratch) - build)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+_PREPARE = """
+import json, resource, sys, time
+from llm360.config import validate_config
+from llm360.data.prepare import prepare
+cfg = validate_config(json.loads(open(sys.argv[1]).read()))
+t = time.perf_counter()
+r = prepare(cfg, sys.argv[2], workers=int(sys.argv[3]), piece_bytes=int(sys.argv[4]))
+m = r.manifest
+print(json.dumps({"s": time.perf_counter() - t,
+                  "rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "tokens": sum(s["tokens_train_documents"] + s["tokens_valid_documents"] for s in m["sources"].values()),
+                  "chunk_bytes": sum(f["bytes"] for k, f in m["files"].items() if k.startswith("chunk_"))}))
+"""
+
+
+def run_prepare(cfg: Path, run_dir: Path, workers: int, piece_bytes: int) -> dict:
+    """A fresh `prepare` process with single-threaded workers: seconds, CPU seconds (its workers too),
+    peak RSS of the process that ran the tasks, tokens, scratch peak."""
+    env = dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    watch = _ScratchWatch(run_dir)
+    p = subprocess.Popen([sys.executable, "-c", _PREPARE, str(cfg), str(run_dir), str(workers), str(piece_bytes)],
+                         stdout=subprocess.PIPE, text=True, env=env)
+    out = p.stdout.read() if p.stdout else ""
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    scratch = watch.stop()
+    if p.returncode:
+        raise SystemExit(f"prepare failed (exit {p.returncode})")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["cpu"] = usage.ru_utime + usage.ru_stime
+    res["rss_task"] = res["rss_workers"] if workers > 1 else res["rss_self"]
+    res["scratch"] = scratch
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return res
+
+
+# A 3-node Ray cluster on loopback inside the network namespace, the prepare driven from here;
+# CPU and peak RSS are read from /proc for every process of the namespace.
+_RAY = r"""
+import json, os, sys, time, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[5])
+from prepare import _ScratchWatch
+cfg_path, run_dir, piece_bytes, nodes = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+TICK = os.sysconf("SC_CLK_TCK")
+
+def procs():
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                fields = stat[stat.rindex(")") + 2:].split()
+                hwm = [l for l in open(f"/proc/{d}/status") if l.startswith("VmHWM")]
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+                out[int(d)] = ((int(fields[11]) + int(fields[12])) / TICK,
+                               int(hwm[0].split()[1]) / 1024 if hwm else 0.0, b"default_worker" in cmd)
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+try:
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    from llm360.config import validate_config
+    from llm360.data.prepare import prepare
+    from llm360.executor import RayExecutor
+    cfg = validate_config(json.loads(open(cfg_path).read()))
+    with RayExecutor(cluster.address) as ex:
+        before = procs()
+        t0 = time.perf_counter()
+        watch = _ScratchWatch(run_dir)
+        r = prepare(cfg, run_dir, executor=ex, piece_bytes=piece_bytes)
+        s = time.perf_counter() - t0
+        scratch = watch.stop()
+        after = procs()
+    cpu = sum(c - before.get(pid, (0.0,))[0] for pid, (c, _, _) in after.items())
+    rss = max((h for _, h, w in after.values() if w), default=0.0)
+    m = r.manifest
+    print("RESULT " + json.dumps({"s": s, "cpu": cpu, "rss_task": rss, "scratch": scratch,
+        "tokens": sum(x["tokens_train_documents"] + x["tokens_valid_documents"] for x in m["sources"].values()),
+        "chunk_bytes": sum(f["bytes"] for k, f in m["files"].items() if k.startswith("chunk_"))}))
+finally:
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def run_ray(cfg: Path, run_dir: Path, piece_bytes: int, nodes: int = 3) -> dict | None:
+    """The same prepare on a Ray cluster of ``nodes`` 1-CPU nodes in a loopback-only network namespace."""
+    if not shutil.which("unshare"):
+        return None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    script = run_dir.parent / "ray_bench.py"
+    script.write_text(_RAY)
+    inner = (f"ip link set lo up && exec {sys.executable} {script} {cfg} {run_dir} {piece_bytes} {nodes} "
+             f"{Path(__file__).resolve().parent}")
+    env = dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    p = subprocess.Popen(["unshare", "-n", "sh", "-c", inner], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, env=env, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=1800)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][7:]) if lines else None
+
+
+def bench_plan_and_tables(rows: int = 10_000_000, lines: int = 200_000) -> dict:
+    """Rates of the two serial steps: the plan's permutation (rows/s) and a documents table (lines/s)."""
+    from llm360.data.prepare_tables import _GzipLines
+
+    t0 = time.perf_counter()
+    perm = np.random.default_rng([1234, 0]).permutation(rows)
+    position = np.empty(rows, dtype=np.int64)
+    position[perm] = np.arange(rows)
+    plan_rate = rows / (time.perf_counter() - t0)
+    del perm, position
+    rec = '{"id":"refinedweb/part-00123.jsonl:%d","n":%d,"sha256_16":"0123456789abcdef","status":"train","tokens":%d}\n'
+    blob = "".join(rec % (i, i, 300 + i % 997) for i in range(lines)).encode()
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        w = _GzipLines(Path(d) / "t.jsonl.gz")
+        w.write_lines(blob)
+        w.close()
+        table_rate = lines / (time.perf_counter() - t0)
+    return {"plan_rows_per_s": plan_rate, "table_lines_per_s": table_rate, "table_bytes_per_line": len(blob) / lines}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=float, default=16.0, help="size of the 1x corpus in MB of JSONL")
+    ap.add_argument("--mb", type=float, default=4.0, help="size of the 1x corpus in MB of JSONL")
     ap.add_argument("--workers", type=int, default=2, help="processes for datasets.map and llm360 --workers")
-    ap.add_argument("--scales", default="1,4,16", help="corpus multiples for the time/RSS scaling runs")
-    ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--scales", default="1,4,16", help="corpus multiples")
+    ap.add_argument("--piece-mb", type=float, default=1.0, help="piece size (the result never depends on it)")
+    ap.add_argument("--no-ray", action="store_true", help="leave out the Ray cluster")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llm360-bench-prepare-"))
+    piece = int(args.piece_mb * 1e6)
     try:
-        corpus = tmp / "corpus.jsonl"
-        n_docs = build_corpus(corpus, args.mb)
-        tok_path = train_tokenizer(corpus, tmp)
-        cfg = prepare_config(corpus, tok_path, tmp)
-        print(f"corpus: {n_docs} documents, {corpus.stat().st_size / 1e6:.1f} MB; cores: {os.cpu_count()}")
-
-        # llm360 first (fresh processes), then the in-process baselines: datasets' worker pools and
-        # caches must not be running or warm while llm360 is measured
-        results = {}
-        for w in sorted({1, args.workers}):
-            shutil.rmtree(tmp / f"run{w}", ignore_errors=True)
-            t, rss, n = run_prepare(cfg, tmp / f"run{w}", w)
-            results[w] = (t, rss, n)
-        t_floor, n_floor = bench_floor(corpus, tok_path)
-        t_ds, n_ds = bench_datasets(corpus, tok_path, args.workers, tmp)
-        floor_tps = n_floor / t_floor
-        ds_tps = n_ds / t_ds
-        print(f"{'what':<44}{'seconds':>9}{'tokens':>12}{'tokens/s':>12}")
-        print(f"{'floor: tokenizers encode_batch (in memory)':<44}{t_floor:>9.2f}{n_floor:>12}{floor_tps:>12.0f}")
-        print(f"{f'datasets.map num_proc={args.workers} + np.save':<44}{t_ds:>9.2f}{n_ds:>12}{ds_tps:>12.0f}")
-        for w, (t, rss, n) in results.items():
-            print(f"{f'llm360 prepare --workers {w}':<44}{t:>9.2f}{n:>12}{n / t:>12.0f}"
-                  f"   {n / t / floor_tps:.2f}x floor, {n / t / ds_tps:.2f}x datasets, peak RSS {rss:.0f} MB")
-        best = max(results, key=lambda w: results[w][2] / results[w][0])
-        bt = results[best][2] / results[best][0]
-        print(f"RATIO llm360/floor = {bt / floor_tps:.2f} (goal >= 0.8)   "
-              f"llm360/datasets = {bt / ds_tps:.2f} (goal >= 2.0)   [best: --workers {best}]")
-
-        if not args.skip_scaling:
-            print(f"\nscaling (llm360 prepare --workers {best}, fresh process each):")
-            print(f"{'corpus':>8}{'MB':>8}{'seconds':>10}{'s per MB':>10}{'peak RSS MB':>13}")
-            base = corpus.read_bytes()
-            for k in [int(s) for s in args.scales.split(",")]:
-                big = tmp / f"corpus_{k}x.jsonl"
-                with open(big, "wb") as f:
-                    for _ in range(k):
-                        f.write(base)
-                cfg_dir = tmp / f"cfg{k}"
-                cfg_dir.mkdir()
-                cfg_k = prepare_config(big, tok_path, cfg_dir)
-                t, rss, _ = run_prepare(cfg_k, tmp / f"scale{k}", best)
-                mb = big.stat().st_size / 1e6
-                print(f"{f'{k}x':>8}{mb:>8.0f}{t:>10.1f}{t / mb:>10.3f}{rss:>13.0f}")
-                big.unlink()
-                shutil.rmtree(tmp / f"scale{k}", ignore_errors=True)
-        print(f"(self peak RSS of this driver: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+        base_corpus = tmp / "corpus.jsonl"
+        n_docs = build_corpus(base_corpus, args.mb)
+        tok_path = train_tokenizer(base_corpus, tmp)
+        print(f"corpus 1x: {n_docs} documents, {base_corpus.stat().st_size / 1e6:.1f} MB; cores: {os.cpu_count()}; "
+              f"pieces of {args.piece_mb} MB")
+        base = base_corpus.read_bytes()
+        hdr = (f"{'scale':>5} {'what':<34}{'seconds':>9}{'tokens':>11}{'tokens/s':>11}{'tok/CPU-s':>11}"
+               f"{'task RSS MB':>12}{'scratch/out':>12}")
+        for k in [int(x) for x in args.scales.split(",")]:
+            corpus = tmp / f"corpus_{k}x.jsonl"
+            with open(corpus, "wb") as f:
+                for _ in range(k):
+                    f.write(base)
+            cfg_dir = tmp / f"cfg{k}"
+            cfg_dir.mkdir()
+            cfg = prepare_config(corpus, tok_path, cfg_dir)
+            # llm360 first (fresh processes), then the in-process baselines, whose pools and caches
+            # must not be running or warm while llm360 is measured
+            res = {}
+            for w in sorted({1, args.workers}):
+                res[f"llm360 prepare, {w} worker(s)"] = run_prepare(cfg, tmp / "run", w, piece)
+            if not args.no_ray:
+                r = run_ray(cfg, tmp / "ray_run", piece)
+                if r is not None:
+                    res["llm360 prepare, Ray 3 nodes x 1 CPU"] = r
+            res["floor: tokenizers encode_batch"] = bench_floor(corpus, tok_path)
+            res[f"datasets.map num_proc={args.workers}"] = bench_datasets(corpus, tok_path, args.workers, tmp)
+            print(hdr)
+            for what, r in res.items():
+                scr = f"{r['scratch'] / r['chunk_bytes']:.2f}" if "scratch" in r else ""
+                rss = f"{r['rss_task']:.0f}" if "rss_task" in r else ""
+                print(f"{f'{k}x':>5} {what:<34}{r['s']:>9.2f}{r['tokens']:>11}{r['tokens'] / r['s']:>11.0f}"
+                      f"{r['tokens'] / r['cpu']:>11.0f}{rss:>12}{scr:>12}")
+            floor = res["floor: tokenizers encode_batch"]
+            one, many = res["llm360 prepare, 1 worker(s)"], res[f"llm360 prepare, {args.workers} worker(s)"]
+            fc = floor["tokens"] / floor["cpu"]
+            print(f"RATIO {k}x: llm360 tokens per CPU-second / floor's = {one['tokens'] / one['cpu'] / fc:.2f} "
+                  f"(1 worker), {many['tokens'] / many['cpu'] / fc:.2f} ({args.workers} workers) (goal >= 0.8); "
+                  f"{args.workers} workers / 1 = {one['s'] / many['s']:.2f}x (goal >= 1.7 with 2 workers)\n")
+            corpus.unlink()
+        serial = bench_plan_and_tables()
+        print(f"serial steps: plan permutation {serial['plan_rows_per_s']:.3g} rows/s; documents table "
+              f"{serial['table_lines_per_s']:.3g} lines/s ({serial['table_bytes_per_line']:.0f} B a line)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -359,8 +359,7 @@ def test_longest_runs_equal_a_brute_force_search(tmp_path: Path):
 
 
 def test_strided_seed_hashes_are_contamination_hashes():
-    from llm360.analysis.contamination import ngram_hashes
-    from llm360.analysis.find import seed_hashes
+    from llm360.analysis.ngrams import ngram_hashes, seed_hashes
 
     x = np.random.default_rng(1).integers(0, 50000, 1000).astype(np.uint16)
     for n, stride in ((1, 1), (2, 1), (8, 1), (8, 8), (5, 3), (8, 25)):

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import make_docs, small_config, write_jsonl
-from llm360.analysis import AnalysisError, ContaminationConfig, contamination
+from llm360.analysis import AnalysisError, ContaminationConfig, contamination, eval_sets
 from llm360.analysis.contamination import (
     _init_worker,
     _scan_block,
     analyze_contamination,
     build_eval_index,
-    ngram_hashes,
     scan_training_data,
 )
+from llm360.analysis.ngrams import ngram_hashes
 from llm360.data.prepare import prepare
 from llm360.data.tokenizer import load_saved
 from llm360.rundir.data import DataStore
@@ -212,7 +212,7 @@ def test_unknown_lm_eval_task_name_is_a_clear_message(run, monkeypatch):
     class Index:  # lm-eval's task index takes ~10 s to build; its names are all that matter here
         all_tasks = ["arc_easy", "hellaswag", "mmlu"]
 
-    monkeypatch.setattr(contamination._LmEval, "manager", lambda self, defaults: Index())
+    monkeypatch.setattr(eval_sets.LmEvalTasks, "manager", lambda self, defaults: Index())
     res = analyze_contamination(run, ContaminationConfig(tasks=["hellaswagg"], workers=1))
     assert "neither a file nor an lm-eval task name; did you mean hellaswag?" in res.failed["hellaswagg"]
 

@@ -347,7 +347,8 @@ def test_parity_with_lm_evals_hf_model(run: Path):
             if metric in a:
                 assert a[metric] == b[metric], (task, metric)
         sa, sb = runs["ours"]["samples"][task], runs["hf"]["samples"][task]
-        assert len(sa) == len(sb) == 40
+        examples = len((TASKS_DIR / "data" / f"{task.removeprefix('llm360_demo_')}.jsonl").read_text().splitlines())
+        assert len(sa) == len(sb) == examples  # every example of the shipped file, by both models
         for x, y in zip(sorted(sa, key=lambda s: s["doc_id"]), sorted(sb, key=lambda s: s["doc_id"]), strict=True):
             if task.endswith("_mc"):
                 for (lx, gx), (ly, gy) in zip([r[0] for r in x["resps"]], [r[0] for r in y["resps"]], strict=True):

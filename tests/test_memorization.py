@@ -12,17 +12,12 @@ import torch
 
 from conftest import save_model_checkpoint, small_config
 from llm360.analysis import AnalysisError, MemorizationConfig
-from llm360.analysis.memorization import (
-    _scores_of,
-    analyze_memorization,
-    load_model,
-    memorization_scores,
-    reference_scores_transformers,
-    sample_rows,
-)
+from llm360.analysis.memorization import analyze_memorization, sample_rows
+from llm360.analysis.memorization_scores import _scores_of, memorization_scores, reference_scores_transformers
 from llm360.config import ModelConfig
 from llm360.data.prepare import prepare
 from llm360.model.llama import Llama
+from llm360.model.load import load_model
 from llm360.rundir.data import DataStore
 
 K = L = 16

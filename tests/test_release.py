@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,111 @@ def test_cli_release_and_verify(trained, tmp_path: Path, capsys):
     p.write_bytes(bytes(b))
     assert cli_main(["--no-progress", "verify", out]) == 1
     assert "sha256 mismatch: data/chunk_000.npy" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- verify never reads outside the release
+
+
+def test_verify_refuses_entries_outside_the_release_without_opening_them(trained, tmp_path: Path):
+    from llm360.release.sums import format_sums, read_sums
+    from llm360.utils import sha256_file
+    from opened import recording, under
+
+    _, run = trained
+    out = release(run, tmp_path / "rel", link=False)
+    base = (out / SUMS).read_text()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for rel, target in (("../../etc/passwd", "/etc/passwd"), ("/etc/hostname", "/etc/hostname")):
+        digest = sha256_file(target) if os.access(target, os.R_OK) else "0" * 64
+        (out / SUMS).write_text(base + f"{digest}  {rel}\n")
+        with recording() as opened:
+            rep = verify(out)
+        assert not rep.ok
+        assert any(f"refused {SUMS} entry {rel!r}" in p and "not opened" in p for p in rep.problems), rep.problems
+        assert not any("sha256 mismatch" in p for p in rep.problems), rep.problems
+        assert not [p for p in opened if p == os.path.realpath(target)], target
+        assert under(opened, out), "verify read nothing of the release?"
+    (out / SUMS).write_text(base)
+    assert verify(out).ok
+
+    # a file replaced by a symlink to an identical copy outside: a finding, the copy never read
+    victim = out / "metrics" / "train.jsonl"
+    copy = outside / "train.jsonl"
+    shutil.copy(victim, copy)
+    victim.unlink()
+    victim.symlink_to(copy)
+    # a folder replaced by a symlink to a copy outside, and a symlink to a file inside the release
+    tok = out / "data" / "tokenizer"
+    shutil.copytree(tok, outside / "tokenizer")
+    shutil.rmtree(tok)
+    tok.symlink_to(outside / "tokenizer", target_is_directory=True)
+    (out / "metrics" / "alias.jsonl").symlink_to("events.jsonl")
+    # a manifest that points a data file outside data/
+    manifest = out / "data" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["files"]["../../outside/train.jsonl"] = {"sha256": "0" * 64, "bytes": 1}
+    manifest.write_text(json.dumps(m))
+    listed = read_sums(out)
+    listed["data/manifest.json"] = sha256_file(manifest)
+    (out / SUMS).write_text(format_sums(listed))
+    with recording() as opened:
+        rep = verify(out, replay=[1])
+    assert not rep.ok
+    probs = "\n".join(rep.problems)
+    assert f"refused {SUMS} entry 'metrics/train.jsonl': it is a symlink" in probs and "outside the release" in probs
+    assert "symlink in the release: data/tokenizer ->" in probs
+    assert f"refused {SUMS} entry 'data/tokenizer/tokenizer.json': it lies under the symlink data/tokenizer" in probs
+    assert "symlink in the release: metrics/alias.jsonl -> events.jsonl, inside the release" in probs
+    assert "data/manifest.json lists '../../outside/train.jsonl'" in probs and "not opened" in probs
+    assert "replay not run" in probs
+    assert not under(opened, outside), under(opened, outside)
+    assert not any("metrics/train.jsonl" in p and "mismatch" in p for p in rep.problems)
+
+
+def test_release_never_writes_a_symlink(trained, tmp_path: Path):
+    _, run = trained
+    run2 = tmp_path / "run"
+    shutil.copytree(run, run2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    events = run2 / "metrics" / "events.jsonl"
+    shutil.move(events, elsewhere / "events.jsonl")
+    events.symlink_to(elsewhere / "events.jsonl")
+    shutil.move(run2 / "data" / "tokenizer", elsewhere / "tokenizer")
+    (run2 / "data" / "tokenizer").symlink_to(elsewhere / "tokenizer", target_is_directory=True)
+    for link in (True, False):
+        out = release(run2, tmp_path / f"rel-{link}", link=link)
+        assert not [p for p in out.rglob("*") if p.is_symlink()]
+        assert (out / "metrics" / "events.jsonl").read_bytes() == (elsewhere / "events.jsonl").read_bytes()
+        assert (out / "data" / "tokenizer" / "tokenizer.json").is_file()
+        rep = verify(out)
+        assert rep.ok, rep.problems
+
+
+def test_release_hashes_each_file_at_most_once(trained, tmp_path: Path, monkeypatch):
+    from collections import Counter
+
+    from llm360.release import sums
+
+    _, run = trained
+    real = sums.sha256_nofollow
+    hashed: Counter[str] = Counter()
+
+    def counting(path, buf=None):
+        hashed["/".join(Path(path).relative_to(tmp_path).parts[1:])] += 1  # under the release's hidden folder
+        return real(path, buf)
+
+    monkeypatch.setattr(sums, "sha256_nofollow", counting)
+    from llm360.rundir import tensorio
+
+    hashed_by_loader = []
+    monkeypatch.setattr(tensorio, "hash_file", lambda *a, **k: hashed_by_loader.append(a[0]))
+    out = release(run, tmp_path / "rel")
+    rels = list(hashed)
+    assert max(hashed.values()) == 1
+    assert "checkpoints/ckpt_001/model.safetensors" in rels and "checkpoints/ckpt_001/optimizer.safetensors" in rels
+    assert not [r for r in rels if r.startswith("data/chunk_") or r.startswith("data/provenance_")], rels
+    assert not hashed_by_loader
+    monkeypatch.undo()
+    assert verify(out, threads=2).ok

@@ -388,7 +388,8 @@ def test_long_runs_are_decimated(tmp_path: Path):
 
 
 def test_chart_helpers():
-    from llm360.report.svg import Series, decimate, esc, line_chart, nice_ticks
+    from llm360.report.charts import line_chart
+    from llm360.report.svg import Series, decimate, esc, nice_ticks
 
     ys = [1.0] * 100_000
     ys[54_321] = 99.0  # a one-step spike survives thinning, in its bucket's band

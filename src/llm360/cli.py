@@ -32,6 +32,7 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}    success
   {EXIT_CHECK_FAILED}    a check failed: verify found a mismatch, an evaluation or analysis item failed,
+       `llm360 plan` found that the layout does not fit,
        a stage of `llm360 run` failed
   {EXIT_USAGE}    usage or config error: a bad flag, an invalid config, a missing or malformed input
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); nothing half-written is kept, the same command resumes
@@ -73,7 +74,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from llm360.data.prepare import prepare
 
     cfg = _load_config(args)
-    res = prepare(cfg, args.run_dir, workers=args.workers, force=args.force)
+    with _executor(args) as ex:
+        res = prepare(cfg, args.run_dir, executor=ex, force=args.force, scratch_dir=args.scratch_dir)
     m = res.manifest
     if not res.built:
         out.print(f"[green]data is up to date[/] in {escape(str(args.run_dir))}/data — nothing to do")
@@ -208,8 +210,9 @@ def cmd_export_data(args: argparse.Namespace) -> int:
     from llm360.data.export import export_llm360_jsonl
     from llm360.rundir.layout import RunDir
 
-    dest = args.out or str(Path(args.run_dir) / "export" / "llm360-jsonl")
-    files = export_llm360_jsonl(RunDir(args.run_dir).data, dest)
+    dest = args.out or str(RunDir(args.run_dir).llm360_export)
+    with _executor(args) as ex:
+        files = export_llm360_jsonl(RunDir(args.run_dir).data, dest, executor=ex)
     out.print(f"wrote {len(files)} files to {escape(dest)}; re-import with `llm360 prepare {escape(dest)}/import.yaml "
               "--run-dir NEW_RUN`")
     return 0
@@ -234,6 +237,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _amount(text: str, what: str, units: dict[str, float], example: str) -> float:
+    """A positive amount with an optional unit suffix (``80GB``, ``141GiB``, ``1.26T``; none: the "" unit)."""
+    t = text.strip().replace(" ", "")
+    unit = next((u for u in sorted(units, key=len, reverse=True) if u and t.lower().endswith(u.lower())), "")
+    try:
+        value = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{what} {text!r}: expected a positive amount such as {example} "
+                          f"(units {', '.join(u for u in units if u)})")
+    return value
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from llm360.rundir.data import DataStore
+    from llm360.rundir.layout import RunDir
+    from llm360.train.plan import DEFAULT_PEAK_TFLOPS, Cluster, plan
+
+    cfg = _load_config(args)
+    mem = _amount(args.gpu_memory, "--gpu-memory", {"GB": 1e9, "G": 1e9, "GiB": 2**30, "MB": 1e6, "": 1e9}, "80GB")
+    tokens = None
+    if args.tokens is not None:
+        tokens = int(_amount(args.tokens, "--tokens", {"T": 1e12, "B": 1e9, "M": 1e6, "": 1.0}, "1.26T"))
+    elif args.run_dir is not None and RunDir(args.run_dir).manifest.is_file():
+        store = DataStore(RunDir(args.run_dir).data)
+        tokens = store.step_index(cfg.train.global_batch_sequences).total_steps * \
+            cfg.train.global_batch_sequences * store.seq_len
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu}: expected a fraction in (0, 1], e.g. 0.40")
+    peak = args.peak_tflops or cfg.train.peak_tflops or DEFAULT_PEAK_TFLOPS
+    cluster = Cluster(gpus=args.gpus, gpus_per_node=args.gpus_per_node or min(args.gpus, 8),
+                      gpu_memory_bytes=int(mem), mfu=args.mfu, peak_tflops=peak, write_gbps=args.write_gbps)
+    p = plan(cfg, cluster, tokens=tokens)
+    code = EXIT_OK if p.fits else EXIT_CHECK_FAILED
+    if args.json:
+        out.json(p.to_json())
+        return code
+    table = Table(title=f"{escape(p.model['name'])} ({p.model['parameters'] / 1e9:.2f}B parameters) on {args.gpus} x "
+                        f"{mem / 1e9:.0f} GB: {escape(p.layout['describe'])}")
+    table.add_column("per GPU / run")
+    table.add_column("estimate", justify="right")
+    for what, value in p.rows():
+        table.add_row(escape(what), escape(value))
+    out.table(table)
+    style = "green" if p.fits else "bold red"
+    out.print(f"[{style}]{escape(p.advice)}[/]")
+    return code
+
+
 def _validated(cls, raw: dict):
     """cls.model_validate(raw) with a pydantic error turned into the config's ConfigError message."""
     from pydantic import ValidationError
@@ -244,6 +297,25 @@ def _validated(cls, raw: dict):
         return cls.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, cls, raw)) from None
+
+
+def _fanout_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--executor, --workers, --gpus-per-task, --ray-address, --shard of a command whose items are tasks."""
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help=f"who runs the {what}: this machine (local) or a Ray cluster (ray)")
+    p.add_argument("--workers", type=_POSITIVE, default=1,
+                   help=f"{what} at once (local: worker processes, 1 = in this process; ray: at most this many)")
+    p.add_argument("--gpus-per-task", type=float, default=0.0, metavar="G",
+                   help=f"GPUs Ray gives each of the {what} (e.g. 1)")
+    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster: auto (this node's), HOST:PORT or ray://HOST:PORT "
+                   "(default with --executor ray: a local instance)")
+    p.add_argument("--shard", metavar="I/N", help=f"only every N-th of the {what}, from I (a Slurm array: "
+                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); results merge in the summary")
+
+
+def _fanout(args: argparse.Namespace) -> dict:
+    return {"executor": args.executor, "workers": args.workers, "gpus_per_task": args.gpus_per_task,
+            "ray_address": args.ray_address, "shard": args.shard}
 
 
 def _eval_json(result) -> dict:
@@ -263,7 +335,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
              "checkpoints": args.checkpoints}
     if any(v is not None for v in flags.values()):
         cfg = _validated(EvalConfig, {**cfg.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
-    result = evaluate(args.run_dir, args.tasks, cfg, watch=args.watch)
+    result = evaluate(args.run_dir, args.tasks, cfg, watch=args.watch, **_fanout(args))
     code = EXIT_INTERRUPTED if result.interrupted else (EXIT_CHECK_FAILED if result.failed else EXIT_OK)
     if args.json:
         out.json(_eval_json(result))
@@ -295,11 +367,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.what == "memorization":
         from llm360.analysis.memorization import analyze_memorization
 
-        res = analyze_memorization(args.run_dir, cfg.memorization, checkpoints=args.checkpoints, force=args.force)
+        res = analyze_memorization(args.run_dir, cfg.memorization, checkpoints=args.checkpoints, force=args.force,
+                                   **_fanout(args))
     else:
         from llm360.analysis.contamination import analyze_contamination
 
-        res = analyze_contamination(args.run_dir, cfg.contamination, tasks=args.tasks, force=args.force)
+        res = analyze_contamination(args.run_dir, cfg.contamination, tasks=args.tasks, force=args.force,
+                                    executor=args.executor, workers=args.workers, ray_address=args.ray_address)
     code = EXIT_OK if res.ok else EXIT_CHECK_FAILED
     if args.json:
         out.json({"analysis": res.analysis, "ok": res.ok, "out_dir": res.out_dir, "summary": res.summary,
@@ -330,9 +404,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     from llm360.release.build import release
+    from llm360.rundir.layout import RunDir
 
-    dest = args.out or str(Path(args.run_dir) / "release")
-    release(args.run_dir, dest, force=args.force, link=not args.copy)
+    dest = args.out or str(RunDir(args.run_dir).release_default)
+    release(args.run_dir, dest, force=args.force, link=not args.copy, threads=args.threads)
     out.print(f"[green]release written[/] to {escape(dest)} (MODEL_CARD.md, SHA256SUMS); check it with "
               f"`llm360 verify {escape(dest)}`")
     return 0
@@ -349,7 +424,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         source_paths[name.strip()] = [p for p in paths.split(",") if p]
     if source_paths and not args.rederive:
         raise ConfigError("--source only applies with --rederive")
-    rep = verify(args.release, replay=args.replay or [], rederive_data=args.rederive, source_paths=source_paths)
+    with _executor(args) as ex:
+        rep = verify(args.release, replay=args.replay or [], rederive_data=args.rederive, source_paths=source_paths,
+                     threads=args.threads, executor=ex)
     code = EXIT_OK if rep.ok else EXIT_CHECK_FAILED
     if args.json:
         out.json({"release": rep.release, "ok": rep.ok, "passed": rep.passed, "problems": rep.problems,
@@ -438,6 +515,21 @@ def _count(minimum: int) -> Callable[[str], int]:
 _INDEX, _POSITIVE = _count(0), _count(1)
 
 
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where the tasks run: local worker processes, or a Ray cluster (the result never depends on it)")
+    p.add_argument("--workers", type=_POSITIVE, default=None,
+                   help="local: worker processes (default 1: in this process); ray: at most this many tasks at once")
+    p.add_argument("--ray-address", help="with --executor ray: the cluster (HOST:PORT, ray://HOST:PORT or auto; "
+                   "default: a new local Ray instance)")
+
+
+def _executor(args: argparse.Namespace):
+    from llm360.executor import make_executor
+
+    return make_executor(args.executor, args.workers, args.ray_address)
+
+
 def _json_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help=f"{what} as one JSON document on stdout (nothing else there)")
 
@@ -455,8 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("prepare", help="sources -> tokenizer -> permuted chunks + manifest")
     _add_config_args(sp)
     sp.add_argument("--run-dir", required=True, help="run directory (data goes to RUN_DIR/data)")
-    sp.add_argument("--workers", type=_POSITIVE, default=1,
-                    help="tokenizer processes (the result never depends on it)")
+    _add_executor_args(sp)
+    sp.add_argument("--scratch-dir", help="where the map and scatter outputs go while preparing (default "
+                    "RUN_DIR/.prepare; on a cluster a folder every node sees)")
     sp.add_argument("--force", action="store_true", help="rebuild data that differs from this config")
     sp.set_defaults(func=cmd_prepare)
 
@@ -502,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir", required=True)
     sp.add_argument("--format", choices=["llm360-jsonl"], default="llm360-jsonl")
     sp.add_argument("--out", help="output folder (default RUN_DIR/export/llm360-jsonl)")
+    _add_executor_args(sp)
     sp.set_defaults(func=cmd_export_data)
 
     sp = command("train", help="train chunk by chunk; resumes from the latest complete checkpoint")
@@ -514,18 +608,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     sp.set_defaults(func=cmd_train)
 
+    sp = command("plan", help="memory per GPU, the smallest layout that fits, checkpoint size and time, run time")
+    _add_config_args(sp)
+    sp.add_argument("--gpus", type=_POSITIVE, required=True, help="GPUs (ranks) in all")
+    sp.add_argument("--gpus-per-node", type=_POSITIVE, help="GPUs of one node (default: 8, or --gpus if fewer)")
+    sp.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (1e9 bytes), 141GiB, ... "
+                    "(default 80GB)")
+    sp.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation for the run's time (default 0.40)")
+    sp.add_argument("--peak-tflops", type=float, help="dense bf16 peak of one GPU (default: train.peak_tflops, "
+                    "else 989, an H100/H200 SXM)")
+    sp.add_argument("--write-gbps", type=float, default=2.0, help="checkpoint write rate of one rank, GB/s "
+                    "(default 2)")
+    sp.add_argument("--tokens", help="tokens of the whole run, e.g. 1.26T (default: the prepared data of "
+                    "--run-dir, else the paper's for its presets)")
+    sp.add_argument("--run-dir", help="a run directory: its config (when no CONFIG is given) and prepared data")
+    _json_flag(sp, "the plan (fits, per_gpu_bytes, memory, smallest_fitting, checkpoint, throughput)")
+    sp.set_defaults(func=cmd_plan)
+
     sp = command("eval", help="evaluate every complete checkpoint (perplexity, lm-eval tasks), incrementally")
     _add_config_args(sp, positional=False)
     sp.add_argument("--run-dir", required=True)
     sp.add_argument("--tasks", nargs="+", metavar="TASK", help="perplexity, presets openllm / code / demo, lm-eval "
                     "task names (name:N for N-shot) or task .yaml files (default: the config's eval.tasks)")
     sp.add_argument("--watch", action="store_true",
-                    help="keep evaluating checkpoints as training writes them, until it is finished (Ctrl-C stops)")
+                    help="keep evaluating checkpoints as training writes them, until it is finished (Ctrl-C stops); "
+                    "with --workers N, N watchers that each take a checkpoint no other has taken")
     sp.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="only these checkpoints (ckpt_003 or 3)")
     sp.add_argument("--batch-size", type=_POSITIVE, help="sequences per forward pass (eval.batch_size)")
     sp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     sp.add_argument("--limit", type=_POSITIVE, help="only the first N examples of each lm-eval task (quick checks)")
     sp.add_argument("--show", type=_POSITIVE, default=20, help="checkpoints shown in the console table")
+    _fanout_flags(sp, "(checkpoint, task) pairs")
     _json_flag(sp, "the summary over every checkpoint and what this call did")
     sp.set_defaults(func=cmd_eval)
 
@@ -536,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--run-dir", required=True)
     am.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="only these checkpoints (e.g. ckpt_003)")
     am.add_argument("--force", action="store_true", help="recompute results made with other settings")
+    _fanout_flags(am, "checkpoints")
     _json_flag(am, "what was computed, reused or failed")
     am.set_defaults(func=cmd_analyze)
     ac = asub.add_parser("contamination", help="n-gram overlap of evaluation sets with the training chunks")
@@ -544,6 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--tasks", nargs="+", metavar="TASK",
                     help="JSONL files, lm-eval task names or task YAML files (default: analysis.contamination.tasks)")
     ac.add_argument("--force", action="store_true", help="recompute results made with other settings")
+    ac.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="who scans the training chunks: local processes or a Ray cluster (the evaluation n-grams "
+                         "are built once here and shared)")
+    ac.add_argument("--workers", type=_POSITIVE, help="scan processes (local; default analysis.contamination.workers) "
+                    "or blocks at once (ray)")
+    ac.add_argument("--ray-address", metavar="ADDR", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
     _json_flag(ac, "what was computed, reused or failed")
     ac.set_defaults(func=cmd_analyze)
 
@@ -567,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="release folder (default RUN_DIR/release)")
     sp.add_argument("--force", action="store_true", help="replace an existing release folder")
     sp.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+    sp.add_argument("--threads", type=_POSITIVE, help="files hashed at once (default: min(4, CPU cores))")
     sp.set_defaults(func=cmd_release)
 
     sp = command("verify", help="check a release: checksums, completeness, replay chunks, rederive data")
@@ -577,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--source", action="append", metavar="NAME=PATH[,PATH]",
                     help="with --rederive: read source NAME from these paths (a local copy of its raw files) "
                          "instead of the config's paths or the release's snapshot; repeatable")
+    sp.add_argument("--threads", type=_POSITIVE, help="files hashed at once (default: min(4, CPU cores))")
+    _add_executor_args(sp)
     _json_flag(sp, "the verdict: ok, every check passed and every problem")
     sp.set_defaults(func=cmd_verify)
 

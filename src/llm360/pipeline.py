@@ -19,12 +19,10 @@ from pathlib import Path
 from llm360.config import RunConfig
 from llm360.errors import Llm360Error
 from llm360.rundir.atomic import atomic_write_text
-from llm360.rundir.layout import STEPS_DIR
+from llm360.rundir.layout import REPORT_DIR, RUN_CONTENT, STEPS_DIR, RunDir
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "pipeline.json"
-_INPUTS = ("config.yaml", "data", "checkpoints", "metrics", "eval", "analysis", "finetune", "report")
 
 
 class VerificationFailed(Llm360Error):
@@ -36,7 +34,7 @@ class VerificationFailed(Llm360Error):
 def fingerprint(run_dir: Path, *, with_report: bool = True) -> str:
     """A hash of the names, sizes and modification times of the files the release is made of."""
     h = hashlib.sha256()
-    for top in _INPUTS if with_report else tuple(t for t in _INPUTS if t != "report"):
+    for top in RUN_CONTENT if with_report else tuple(t for t in RUN_CONTENT if t != REPORT_DIR):
         base = run_dir / top
         paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
         for p in paths:
@@ -52,13 +50,13 @@ def fingerprint(run_dir: Path, *, with_report: bool = True) -> str:
 
 def _state(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / STATE_FILE).read_text())
+        return json.loads(RunDir(run_dir).pipeline_state.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
 
 def _save_state(run_dir: Path, state: dict) -> None:
-    atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(RunDir(run_dir).pipeline_state, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def run_all(cfg: RunConfig, run_dir: Path, *, workers: int = 1, replay_chunk: int | None = None) -> dict:
@@ -106,7 +104,7 @@ def run_all(cfg: RunConfig, run_dir: Path, *, workers: int = 1, replay_chunk: in
     state = _state(run_dir)
     fp0 = fingerprint(run_dir, with_report=False)
     stage(6, "report")
-    report = run_dir / "report" / "index.html"
+    report = RunDir(run_dir).report_page
     if state.get("report") == fp0 and report.is_file():
         done["report"] = "up to date"
     else:
@@ -115,8 +113,8 @@ def run_all(cfg: RunConfig, run_dir: Path, *, workers: int = 1, replay_chunk: in
         _save_state(run_dir, state)
         done["report"] = f"written to {report}"
     fp = fingerprint(run_dir)
-    rel = run_dir / "release"
-    fresh = state.get("release") == fp and rel.is_dir() and (rel / "SHA256SUMS").is_file()
+    rel = RunDir(run_dir).release_default
+    fresh = state.get("release") == fp and rel.is_dir() and RunDir(rel).sums.is_file()
     stage(7, "release")
     if fresh:
         done["release"] = "up to date"

@@ -16,12 +16,13 @@ n-grams inside one training row count, since a row is what the model saw at once
   a minimum length chosen per dataset; here n is one fixed, configurable length and matches are
   exact.
 
-How it runs. The evaluation side is small: all its n-grams are hashed (a polynomial hash of the
-n token ids mod 2^64), sorted and summarised in a bitmap of the hashes' top bits. The training
-chunks are cut into blocks of rows that worker processes scan (one process per core): every
-n-gram hash of a block is computed at once with numpy (log2(n) shifted multiply-adds), the bitmap
-discards nearly all of them, ``searchsorted`` on the sorted evaluation hashes keeps the exact hash
-matches, and every match is then checked token by token, so a hash collision can never report
+How it runs (the hashing, bitmap and lookup are :mod:`llm360.analysis.ngrams`; the evaluation sets
+are read by :mod:`llm360.analysis.eval_sets`). The evaluation side is small: all its n-grams are
+hashed (a polynomial hash of the n token ids mod 2^64), sorted and summarised in a bitmap of the
+hashes' top bits. The training chunks are cut into blocks of rows that worker processes scan (one
+process per core): every n-gram hash of a block is computed at once with numpy (log2(n) shifted
+multiply-adds), the bitmap discards nearly all of them, a bucket probe of the sorted evaluation
+hashes keeps the exact hash matches, and every match is then checked token by token, so a hash collision can never report
 contamination that is not there. Memory is bounded by the evaluation side plus one block per
 worker (``block_tokens``), never by the size of the training data.
 
@@ -37,13 +38,11 @@ reported and the others still run.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -55,6 +54,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llm360.analysis import AnalysisError, AnalysisResult
+from llm360.analysis.eval_sets import TaskDocs, load_tasks
+from llm360.analysis.ngrams import (
+    SortedHashes,
+    bitmap_bits,
+    bitmap_candidates,
+    make_bitmap,
+    ngram_hashes,
+    row_blocks,
+    same_tokens,
+)
 from llm360.config import ContaminationConfig
 from llm360.errors import Llm360Error
 from llm360.rundir.atomic import write_json
@@ -62,120 +71,19 @@ from llm360.rundir.layout import RunDir, ckpt_name
 from llm360.utils import read_json
 
 if TYPE_CHECKING:  # imported where used: scan workers import this module and need numpy only
+    from llm360.executor import Executor
     from llm360.rundir.data import DataStore
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "llm360-contamination"
 VERSION = 1
-OUT_SUBDIR = ("analysis", "contamination")
 CLEAN_BELOW = 0.2
 """Llama 2 (appendix A.6): an example with less than 20% contaminated tokens is clean."""
 DIRTY_AT_LEAST = 0.8
 """Llama 2 (appendix A.6): an example with 80% or more contaminated tokens is dirty."""
-HASH_P = 0x9E3779B97F4A7C15
-"""Odd 64-bit multiplier P of the n-gram polynomial hash (see :func:`ngram_hashes`)."""
-_MASK = (1 << 64) - 1
 _TOKENS_PER_WORKER = 16_000_000
 """Training tokens per worker process below which fewer processes are started."""
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".ndjson")
-_YAML_SUFFIXES = (".yaml", ".yml")
-
-
-# ------------------------------------------------------------------------------------ hashing
-
-
-def ngram_hashes(tokens: np.ndarray, n: int, buffers: list[np.ndarray] | None = None) -> np.ndarray:
-    """uint64 hash of every n-gram of a 1-D token array: ``h[i] = sum_j tokens[i+j] * P^(n-1-j)`` mod 2^64.
-
-    Built by doubling (hashes of 2, 4, 8, ... tokens, combined along the bits of n), so it costs
-    about 2*log2(n) vectorized passes instead of n. Length ``len(tokens) - n + 1`` (0 if shorter).
-    ``buffers`` (a list, filled on first use) keeps three work arrays between calls, so a scan
-    that hashes block after block does not allocate (and page-fault) fresh memory each time; the
-    result is a view into them, valid until the next call with the same buffers.
-    """
-    N = len(tokens)
-    if N < n:
-        return np.zeros(0, dtype=np.uint64)
-    if buffers is None:
-        buffers = []
-    if not buffers or len(buffers[0]) < N:
-        buffers[:] = [np.empty(N, dtype=np.uint64) for _ in range(3)]
-    power, spare, res = (b[:N] for b in buffers)
-    np.copyto(power, tokens, casting="unsafe")
-    res_len, power_len, bit = 0, 1, 0
-    while True:
-        if n >> bit & 1:
-            if res_len == 0:
-                np.copyto(res, power)
-                res_len = power_len
-            else:  # res[i] = res[i] * P^power_len + power[i + res_len]
-                m = N - (res_len + power_len) + 1
-                np.multiply(res[:m], np.uint64(pow(HASH_P, power_len, 1 << 64)), out=res[:m])
-                np.add(res[:m], power[res_len : res_len + m], out=res[:m])
-                res_len += power_len
-        if n >> (bit + 1) == 0:
-            break
-        m = N - 2 * power_len + 1  # power'[i] = power[i] * P^power_len + power[i + power_len]
-        np.multiply(power[:m], np.uint64(pow(HASH_P, power_len, 1 << 64)), out=spare[:m])
-        np.add(spare[:m], power[power_len : power_len + m], out=spare[:m])
-        power, spare = spare, power
-        power_len *= 2
-        bit += 1
-    return res[: N - n + 1]
-
-
-def bitmap_bits(unique: int) -> int:
-    """Bits b of the bitmap (2^b slots): about 32 slots per hash, between 2^16 and 2^32."""
-    return int(min(32, max(16, int(np.ceil(np.log2(max(unique, 1) * 32))))))
-
-
-def make_bitmap(hashes: np.ndarray, bits: int) -> np.ndarray:
-    """2^bits bits, bit i set when some hash has top bits i (bit i is bit i % 8 of byte i // 8)."""
-    slots = np.zeros(1 << bits, dtype=bool)
-    slots[(hashes >> np.uint64(64 - bits)).astype(np.int64)] = True
-    return np.packbits(slots, bitorder="little")
-
-
-_BIT_MASKS = (1 << np.arange(8)).astype(np.uint8)
-
-
-def bitmap_candidates(
-    h: np.ndarray, bitmap: np.ndarray, bits: int, buffers: list[np.ndarray] | None = None
-) -> np.ndarray:
-    """Positions of h whose top ``bits`` bits are set in the bitmap (reusing ``buffers`` like ngram_hashes)."""
-    N = len(h)
-    if buffers is None:
-        buffers = []
-    if not buffers or len(buffers[0]) < N:
-        buffers[:] = [np.empty(N, np.int64), np.empty(N, np.int64), np.empty(N, np.uint8)]
-    slot, tmp, byte = (b[:N] for b in buffers)
-    np.right_shift(h, np.uint64(64 - bits), out=slot.view(np.uint64))
-    np.right_shift(slot, 3, out=tmp)
-    np.take(bitmap, tmp, out=byte)
-    np.bitwise_and(slot, 7, out=tmp)
-    np.bitwise_and(byte, _BIT_MASKS[tmp], out=byte)
-    return np.flatnonzero(byte)
-
-
-def _bucket_starts(hashes: np.ndarray) -> tuple[np.ndarray, int]:
-    """Sorted hashes grouped by their top b bits (about one per bucket): start of every bucket."""
-    b = int(min(32, max(1, int(np.ceil(np.log2(max(len(hashes), 2)))))))
-    tops = (hashes >> np.uint64(64 - b)).astype(np.int64)
-    return np.searchsorted(tops, np.arange((1 << b) + 1)), b
-
-
-def _lookup(hc: np.ndarray, hashes: np.ndarray, starts: np.ndarray, b: int) -> np.ndarray:
-    """Index of each of hc in the sorted hashes, -1 where absent (a bucket probe instead of a binary search)."""
-    bucket = (hc >> np.uint64(64 - b)).view(np.int64)
-    lo, hi = starts[bucket], starts[bucket + 1]
-    out = np.full(len(hc), -1, dtype=np.int64)
-    for k in range(int((hi - lo).max()) if len(hc) else 0):
-        i = lo + k
-        inside = i < hi
-        hit = inside & (hashes[np.where(inside, i, 0)] == hc)
-        out[hit] = i[hit]
-    return out
 
 
 # ---------------------------------------------------------------------------- evaluation side
@@ -260,27 +168,36 @@ def _init_worker(state: dict[str, Any]) -> None:
         _W[name] = np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+def scan_task(state: dict[str, Any], path: str, row_start: int, row_end: int) -> tuple[np.ndarray, ...]:
+    """One block of the scan as an executor task (:func:`_scan_block`); the evaluation side, in .npy
+    files every node sees, is memory-mapped once per worker process."""
+    if _W.get("id") != state["id"]:
+        _init_worker(state)
+    return _scan_block(path, row_start, row_end)
+
+
 def _scan_block(path: str, row_start: int, row_end: int) -> tuple[np.ndarray, ...]:
     """Hash-match rows [row_start, row_end) of one chunk file against the evaluation n-grams.
 
     Returns (unique ids found, occurrences of each, row and column of the first occurrence of each).
     """
     n, bits = _W["n"], _W["bits"]
-    hashes, bitmap = _W["hashes"], _W["bitmap"]
-    if "starts" not in _W:  # a state made by hand (tests)
-        _W["starts"], _W["bucket_bits"] = _bucket_starts(hashes)
+    if "lookup" not in _W:
+        if "starts" in _W:
+            _W["lookup"] = SortedHashes(_W["hashes"], _W["starts"], _W["bucket_bits"])
+        else:  # a state made by hand (tests)
+            _W["lookup"] = SortedHashes.build(_W["hashes"])
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     L = arr.shape[1]
     flat = np.ascontiguousarray(arr[row_start:row_end]).reshape(-1)
     del arr
     h = ngram_hashes(flat, n, _W.setdefault("buffers", []))
-    cand = bitmap_candidates(h, bitmap, bits, _W.setdefault("bitmap_buffers", []))  # ~3% of positions
-    j = _lookup(h[cand], hashes, _W["starts"], _W["bucket_bits"])
+    cand = bitmap_candidates(h, _W["bitmap"], bits, _W.setdefault("bitmap_buffers", []))  # ~3% of positions
+    j = _W["lookup"].lookup(h[cand])
     keep = (j >= 0) & (cand % L <= L - n)  # an exact hash match inside one row
     cand, j = cand[keep], j[keep]
     if len(cand):  # token by token, so a hash collision never counts
-        offs = np.arange(n)
-        same = (flat[cand[:, None] + offs] == _W["tokens"][_W["rep_start"][j][:, None] + offs]).all(axis=1)
+        same = same_tokens(flat, cand, _W["tokens"], _W["rep_start"][j], n)
         cand, j = cand[same], j[same]
     found, first, counts = np.unique(j, return_index=True, return_counts=True)
     pos = cand[first]
@@ -309,23 +226,21 @@ class ScanResult:
 
 
 def _work_items(store: DataStore, block_tokens: int) -> list[tuple[int, str, int, int]]:
-    rows_per_block = max(1, block_tokens // store.row_length)
-    items = []
-    for c in range(store.num_chunks):
-        path = str(store.dir / store.manifest["chunks"][c]["file"])
-        rows = store.rows_per_chunk[c]
-        items += [(c, path, s, min(rows, s + rows_per_block)) for s in range(0, rows, rows_per_block)]
-    return items
+    paths = [str(store.dir / store.manifest["chunks"][c]["file"]) for c in range(store.num_chunks)]
+    return [(c, paths[c], s, e) for c, s, e in row_blocks(store.rows_per_chunk, store.row_length, block_tokens)]
 
 
 def scan_training_data(
-    store: DataStore, index: EvalIndex, *, workers: int | None = None, block_tokens: int = 4_194_304
+    store: DataStore, index: EvalIndex, *, workers: int | None = None, block_tokens: int = 4_194_304,
+    executor: Executor | None = None, scratch: Path | None = None,
 ) -> ScanResult:
     """Find every evaluation n-gram in every chunk of a prepared data set (see the module docstring).
 
     ``workers`` processes (default: one per CPU core, but no more than one per 16 M training
-    tokens; 1 runs in this process) each scan blocks of about ``block_tokens`` tokens. The result
-    does not depend on workers or block size.
+    tokens; 1 runs in this process) each scan blocks of about ``block_tokens`` tokens. With an
+    ``executor`` (a Ray cluster), each block is one of its tasks instead, and the evaluation side,
+    built once, is shared through .npy files in ``scratch`` (a folder every node sees; removed
+    after). The result does not depend on workers, executor or block size.
     """
     from llm360.log import progress
 
@@ -342,10 +257,10 @@ def scan_training_data(
         res.seconds = time.perf_counter() - t0
         return res
     bits = bitmap_bits(U)
-    starts, bucket_bits = _bucket_starts(index.hashes)
+    lookup = SortedHashes.build(index.hashes)
     state = {"n": index.n, "bits": bits, "hashes": index.hashes, "bitmap": make_bitmap(index.hashes, bits),
-             "tokens": index.tokens, "rep_start": index.rep_start, "starts": starts,
-             "bucket_bits": bucket_bits}  # fmt: skip
+             "tokens": index.tokens, "rep_start": index.rep_start, "starts": lookup.starts,
+             "bucket_bits": lookup.bits}  # fmt: skip
     items = _work_items(store, block_tokens)
     # A worker process has a start-up cost (milliseconds forked, seconds spawned): below ~16 M tokens
     # per extra worker (about half a second of scanning) it would cost more than it saves.
@@ -365,6 +280,13 @@ def scan_training_data(
             prev = res.chunk_examples.get(chunk)
             res.chunk_examples[chunk] = ex if prev is None else np.union1d(prev, ex)
 
+    if executor is not None:
+        if scratch is None:
+            raise ValueError("an executor's scan needs a scratch folder every node sees")
+        for (c, _, _, _), found in zip(items, _scan_on(executor, state, items, scratch), strict=True):
+            merge(c, *found)
+        res.seconds = time.perf_counter() - t0
+        return res
     with progress("contamination scan", total=res.tokens / 1e6, unit="M tokens") as bar:
         if workers == 1:
             _init_worker(state)
@@ -392,6 +314,29 @@ def scan_training_data(
                             pending[pool.submit(_scan_block, path, s, e)] = (c2, e - s)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _scan_on(executor: Executor, state: dict[str, Any], items: list[tuple[int, str, int, int]],
+             scratch: Path) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
+    """Every block's matches, each block a task of ``executor``; the state's arrays in .npy files under scratch."""
+    import shutil
+    import uuid
+
+    from llm360.executor import Task
+
+    folder = scratch / f".scan-{uuid.uuid4().hex[:12]}"
+    folder.mkdir(parents=True)
+    try:
+        shared = {k: v for k, v in state.items() if k not in _STATE_ARRAYS}
+        shared["id"], shared["files"] = folder.name, {}
+        for name in _STATE_ARRAYS:
+            shared["files"][name] = str(folder / f"{name}.npy")
+            np.save(shared["files"][name], state[name])
+        executor.check_visible(folder)
+        tasks = [Task(f"contamination:{c}:{s}", scan_task, (shared, path, s, e)) for c, path, s, e in items]
+        return executor.run(tasks, progress_label="contamination scan", unit="blocks")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _pool_context(state: dict[str, Any]) -> tuple[Any, Any]:
@@ -433,210 +378,6 @@ def _take(it: Iterator, k: int) -> list:
     return out
 
 
-# -------------------------------------------------------------------------------------- tasks
-
-
-@dataclass
-class TaskDocs:
-    """The examples of one evaluation set, as text."""
-
-    name: str
-    """Output name (``analysis/contamination/<name>.json``)."""
-    source: str
-    """Where they came from: ``jsonl:<path>`` or ``lm-eval:<task>``."""
-    texts: list[str]
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "task"
-
-
-def _is_file_spec(spec: str) -> bool:
-    low = spec.lower()
-    return low.endswith(_JSONL_SUFFIXES + _YAML_SUFFIXES) or Path(spec).is_file()
-
-
-def read_jsonl_task(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
-    """The ``text_field`` of every line of a JSONL file (.gz/.zst too); AnalysisError names the bad line."""
-    from llm360.data.sources import _open_lines
-
-    p = Path(path)
-    if not p.is_file():
-        raise AnalysisError(f"task file {p} not found")
-    texts: list[str] = []
-    try:
-        raw, stream, _ = _open_lines(p)
-    except Llm360Error as e:
-        raise AnalysisError(str(e)) from None
-    lineno = 0
-    try:
-        for lineno, line in enumerate(stream, 1):  # noqa: B007 (used in the except below)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except UnicodeDecodeError:
-                raise AnalysisError(f"{p} line {lineno}: not UTF-8 text") from None
-            except json.JSONDecodeError as e:
-                raise AnalysisError(
-                    f"{p} line {lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line"
-                ) from None
-            value = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(value, str):
-                what = f"fields: {', '.join(sorted(obj))}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
-                raise AnalysisError(
-                    f"{p} line {lineno}: no text field '{text_field}' ({what}); "
-                    "set analysis.contamination.text_field to the field that holds the example"
-                )
-            texts.append(value)
-            if limit is not None and len(texts) >= limit:
-                break
-    except (OSError, EOFError, ValueError) as e:
-        raise AnalysisError(f"{p}: cannot read past line {lineno}: {e}") from None
-    finally:
-        stream.close()
-        raw.close()
-    return texts
-
-
-def _offline() -> None:
-    """No network at run time: Hugging Face datasets and hub calls are answered from the cache only."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import sys
-
-    if "datasets" in sys.modules:  # already imported: its constants were read at import time
-        try:
-            import datasets.config
-
-            datasets.config.HF_DATASETS_OFFLINE = True
-            datasets.config.HF_HUB_OFFLINE = True
-        except (ImportError, AttributeError):
-            pass
-    if "huggingface_hub" in sys.modules:
-        try:
-            import huggingface_hub.constants
-
-            huggingface_hub.constants.HF_HUB_OFFLINE = True
-        except (ImportError, AttributeError):
-            pass
-
-
-class _LmEval:
-    """lm-eval task loading, offline; the (slow to build) task index is made once, when first needed."""
-
-    def __init__(self, include_path: str | None) -> None:
-        self.include_path = include_path
-        self._managers: dict[bool, Any] = {}
-
-    def manager(self, defaults: bool) -> Any:
-        if defaults not in self._managers:
-            _offline()
-            try:
-                from lm_eval.tasks import TaskManager
-            except ImportError:
-                raise AnalysisError(
-                    "lm-eval is not installed, so lm-eval task names cannot be read; `pip install lm-eval`, "
-                    "or give the examples as a JSONL file"
-                ) from None
-            from llm360.eval.demo import TASKS_DIR  # llm360's own demo tasks can always be named
-
-            paths = [str(TASKS_DIR)] + ([self.include_path] if self.include_path else [])
-            self._managers[defaults] = TaskManager(include_path=paths, include_defaults=defaults)
-        return self._managers[defaults]
-
-    def load(self, spec: str, limit: int | None) -> list[TaskDocs]:
-        is_yaml = spec.lower().endswith(_YAML_SUFFIXES)
-        if is_yaml and not Path(spec).is_file():
-            raise AnalysisError(f"task file {spec} not found")
-        tm = self.manager(defaults=not is_yaml)  # a task file needs no index of lm-eval's own tasks
-        if not is_yaml and spec not in tm.all_tasks:
-            close = difflib.get_close_matches(spec, tm.all_tasks, n=3, cutoff=0.75)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise AnalysisError(f"task '{spec}' is neither a file nor an lm-eval task name{hint}")
-        try:
-            loaded = tm.load([spec])["tasks"]
-        except Exception as e:  # lm-eval / datasets raise many types; all mean "cannot load this task"
-            raise AnalysisError(_lm_eval_failure(spec, e)) from None
-        out = []
-        for name, task in loaded.items():
-            try:
-                docs = task.eval_docs
-                texts = []
-                for doc in docs:
-                    texts.append(_doc_text(task, doc))
-                    if limit is not None and len(texts) >= limit:
-                        break
-            except Exception as e:
-                raise AnalysisError(_lm_eval_failure(name, e)) from None
-            out.append(TaskDocs(_safe_name(name), f"lm-eval:{name}", texts))
-        return out
-
-
-def _lm_eval_failure(name: str, e: Exception) -> str:
-    text = f"{type(e).__name__}: {e}"
-    offline = any(s in text for s in ("Offline", "offline", "Couldn't reach", "ConnectionError", "not found in cache"))
-    if offline or isinstance(e, (ConnectionError, FileNotFoundError)):
-        return (
-            f"the data of lm-eval task '{name}' is not available offline ({text.splitlines()[0][:300]}). "
-            "llm360 never downloads at run time: fetch it once where there is network (run lm-eval on the "
-            "task, or datasets.load_dataset on its dataset) so that it is in the Hugging Face datasets cache, "
-            "or give its examples as a JSONL file"
-        )
-    return f"lm-eval could not load task '{name}': {text.splitlines()[0][:300]}"
-
-
-def _doc_text(task: Any, doc: Any) -> str:
-    """An lm-eval example as one text: its decontamination query if the task defines one, else
-    the prompt text, the target delimiter and the gold answer."""
-    cfg = getattr(task, "config", None)
-    if getattr(task, "should_decontaminate", lambda: False)():
-        q = task.doc_to_decontamination_query(doc)
-        if isinstance(q, str):
-            return q
-    choices = None
-    if cfg is not None and getattr(cfg, "doc_to_choice", None) is not None:
-        choices = task.doc_to_choice(doc)
-    text = task.doc_to_text(doc)
-    if isinstance(text, int) and choices:
-        text = choices[text]
-    target = task.doc_to_target(doc)
-    if isinstance(target, int) and choices:
-        target = choices[target]
-    elif isinstance(target, list):
-        target = " ".join(str(choices[t]) if isinstance(t, int) and choices else str(t) for t in target)
-    delimiter = getattr(cfg, "target_delimiter", " ") if cfg is not None else " "
-    return f"{text}{delimiter}{target}"
-
-
-def load_tasks(specs: Sequence[str], cfg: ContaminationConfig) -> tuple[list[TaskDocs], dict[str, str]]:
-    """The examples of each task spec, and spec -> message for those that cannot be read."""
-    docs: list[TaskDocs] = []
-    failed: dict[str, str] = {}
-    lm = _LmEval(cfg.lm_eval_include_path)
-    for spec in specs:
-        try:
-            low = spec.lower()
-            if low.endswith(_YAML_SUFFIXES):
-                docs += lm.load(spec, cfg.limit)
-            elif _is_file_spec(spec):
-                name = _safe_name(re.sub(r"(\.jsonl|\.json|\.ndjson)(\.gz|\.zst)?$", "", Path(spec).name))
-                docs.append(TaskDocs(name, f"jsonl:{spec}", read_jsonl_task(spec, cfg.text_field, cfg.limit)))
-            else:
-                docs += lm.load(spec, cfg.limit)
-        except Llm360Error as e:
-            failed[spec] = str(e)  # reported by the caller (result.failed), not logged twice
-            logger.debug("task %s: %s", spec, e)
-    seen: dict[str, int] = {}
-    for d in docs:  # two specs with the same name get distinct output files
-        if d.name in seen:
-            seen[d.name] += 1
-            d.name = f"{d.name}-{seen[d.name]}"
-        else:
-            seen[d.name] = 0
-    return docs, failed
-
-
 # ------------------------------------------------------------------------------------ driver
 
 
@@ -646,27 +387,32 @@ def analyze_contamination(
     *,
     tasks: Sequence[str] | None = None,
     force: bool = False,
+    executor: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> AnalysisResult:
     """Measure every task's overlap with the run's training data; one JSON file per task.
 
     ``tasks`` overrides ``cfg.tasks``. Tasks that cannot be read, or whose earlier result was
     computed with other settings (unless ``force``), are reported in ``result.failed``; the rest
-    are scanned together in one pass over the chunks.
+    are scanned together in one pass over the chunks, by ``workers`` local processes (default
+    ``cfg.workers``) or, with ``executor="ray"``, as tasks on the Ray cluster at ``ray_address``
+    (the evaluation n-grams built once here and shared with every node).
     """
-    from llm360.data.tokenizer import load_saved
+    from llm360.data.tokenizer import TOKENIZER_META, load_saved
     from llm360.rundir.data import DataStore, read_training_record
 
     cfg = cfg or ContaminationConfig()
     specs = list(tasks if tasks is not None else cfg.tasks)
     run = RunDir(run_dir)
-    out = run.root.joinpath(*OUT_SUBDIR)
+    out = run.contamination_dir
     result = AnalysisResult("contamination", out)
     if not specs:
         raise AnalysisError("no tasks given: pass --tasks (JSONL files or lm-eval task names) "
                             "or set analysis.contamination.tasks")
     store = DataStore(run.data)
     tokenizer = load_saved(run.tokenizer)
-    meta_tok = read_json(run.tokenizer / "llm360_tokenizer.json")
+    meta_tok = read_json(run.tokenizer / TOKENIZER_META)
     docs, failed = load_tasks(specs, cfg)
     result.failed.update(failed)
     out.mkdir(parents=True, exist_ok=True)
@@ -680,7 +426,7 @@ def analyze_contamination(
             "examples_sha256": hashlib.sha256(json.dumps(d.texts, ensure_ascii=False).encode()).hexdigest(),
             "examples": len(d.texts), "skipped_chunks": skipped,
         }  # fmt: skip
-        path = out / f"{d.name}.json"
+        path = run.contamination_result(d.name)
         if path.is_file() and not force:
             try:
                 have = read_json(path)
@@ -713,17 +459,26 @@ def analyze_contamination(
     index = build_eval_index(tokenized, cfg.ngram)
     logger.info("contamination: %d examples of %d tasks, %d distinct %d-grams; scanning %d chunks",
                 index.num_examples, len(todo), len(index.hashes), cfg.ngram, store.num_chunks)
+    ex = None
+    if executor != "local" or ray_address:
+        from llm360.executor import make_executor
+
+        ex = make_executor(executor, workers, ray_address)  # a cluster that cannot be reached stops here
     try:
-        scan = scan_training_data(store, index, workers=cfg.workers, block_tokens=cfg.block_tokens)
+        scan = scan_training_data(store, index, workers=workers or cfg.workers, block_tokens=cfg.block_tokens,
+                                  executor=ex, scratch=out)  # fmt: skip
     except Llm360Error as e:
         for d, _ in todo:
             result.failed[d.name] = f"scan of the training data failed: {e}"
         return result
+    finally:
+        if ex is not None:
+            ex.close()
     logger.info("scanned %.1f M training tokens in %.1f s (%.1f M tokens/s)", scan.tokens / 1e6, scan.seconds,
                 scan.tokens / 1e6 / max(scan.seconds, 1e-9))
     for t, (d, settings) in enumerate(todo):
         report = task_report(index, scan, t, store, tokenizer, cfg.examples, d.texts, skipped)
-        write_json(out / f"{d.name}.json", {"format": FORMAT, "version": VERSION, "task": d.name,
+        write_json(run.contamination_result(d.name), {"format": FORMAT, "version": VERSION, "task": d.name,
                                              "source": d.source, "settings": settings, **report})
         result.computed.append(d.name)
     return result

@@ -5,12 +5,12 @@ for it as an exact token sequence inside one row (what the model saw at once, as
 :mod:`llm360.analysis.contamination`). When no row holds all of it, the answer is the rows holding
 its longest run of consecutive tokens that does occur (at least :data:`MIN_NGRAM` tokens).
 
-How it scans. Seed and extend: the seeds of a block of rows -- the ``seed`` tokens starting at
-every ``stride``-th position -- are hashed at once (the polynomial hash of contamination's
-:func:`ngram_hashes`, by Horner's rule over strided views, so about seed / stride passes); the
-bitmap of the text's own seed hashes (contamination's :func:`make_bitmap`,
-:func:`bitmap_candidates`) drops nearly every position, the few left are checked token by token
-and extended left and right, in the row, as far as they agree with the text. A run of
+How it scans (the hashing and the bitmap are :mod:`llm360.analysis.ngrams`, as for contamination).
+Seed and extend: the seeds of a block of rows -- the ``seed`` tokens starting at every
+``stride``-th position -- are hashed at once (:func:`~llm360.analysis.ngrams.seed_hashes`, by
+Horner's rule over strided views, so about seed / stride passes); the bitmap of the text's own seed
+hashes drops nearly every position, the few left are checked token by token and extended left and
+right, in the row, as far as they agree with the text. A run of
 ``seed + stride - 1`` tokens or more always holds a seed: the first scan, sure to find the whole
 text, has seeds about as far apart as the text is long (a text that is in the data costs that one
 cheap scan); finer scans (:func:`scan_plan`: every run of 15 tokens or more, 7, 3, 2) follow only
@@ -31,12 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-from llm360.analysis.contamination import HASH_P, bitmap_bits, bitmap_candidates, make_bitmap, ngram_hashes
+from llm360.analysis.ngrams import (
+    bitmap_bits,
+    bitmap_candidates,
+    make_bitmap,
+    ngram_hashes,
+    row_blocks,
+    same_tokens,
+    seed_hashes,
+)
 from llm360.data.inspect import first_checkpoint, place_json
 from llm360.data.tokenizer import load_saved
 from llm360.errors import DataError
 from llm360.rundir.data import TRAINED, DataStore, RowPlace, TrainedIndex, place_rows, trained_rows
-from llm360.rundir.layout import RunDir
+from llm360.rundir.layout import TOKENIZER_DIR, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -124,21 +132,6 @@ class _Runs:
             self.found.append(rec[: self.keep - have])
 
 
-def seed_hashes(tokens: np.ndarray, n: int, stride: int) -> np.ndarray:
-    """uint64 hash of the n-gram starting at every `stride`-th position of a 1-D token array (positions 0,
-    stride, 2 * stride, ... whose n-gram fits): the same hash as :func:`ngram_hashes`, by Horner's rule
-    over n strided passes, so it costs about n / stride passes over the tokens."""
-    m = (len(tokens) - n) // stride + 1
-    if m <= 0:
-        return np.zeros(0, dtype=np.uint64)
-    p = np.uint64(HASH_P)
-    h = np.zeros(m, dtype=np.uint64)
-    for j in range(n):
-        np.multiply(h, p, out=h)
-        np.add(h, tokens[j : j + stride * (m - 1) + 1 : stride], out=h, casting="unsafe")
-    return h
-
-
 def scan_runs(store: DataStore, query: np.ndarray, seed: int, stride: int = 1, *, keep: int = 100,
               block_tokens: int = BLOCK_TOKENS) -> tuple[int, int, np.ndarray]:
     """Maximal runs of `query` inside the training rows of `store` that contain a seed: `seed` tokens
@@ -158,46 +151,42 @@ def scan_runs(store: DataStore, query: np.ndarray, seed: int, stride: int = 1, *
     runs = _Runs(keep)
     hbuf: list[np.ndarray] = []
     cbuf: list[np.ndarray] = []
-    rows_per_block = max(1, block_tokens // L)
-    offs = np.arange(seed)
-    for c in range(store.num_chunks):
-        arr = store.chunk(c)
-        for r0 in range(0, arr.shape[0], rows_per_block):
-            flat = arr[r0 : r0 + rows_per_block].reshape(-1)
-            h = ngram_hashes(flat, seed, hbuf) if stride == 1 else seed_hashes(flat, seed, stride)
-            cand = bitmap_candidates(h, bitmap, bits, cbuf)
-            cand = cand[cand * stride % L <= L - seed]  # the seed inside one row
-            if not len(cand):
-                continue
-            pos, hc = cand * stride, h[cand]
-            lo = np.searchsorted(q_sorted, hc, side="left")
-            n = np.searchsorted(q_sorted, hc, side="right") - lo
-            if not n.any():
-                continue
-            # a seed the query holds more than once pairs with each of its places
-            j = q_order[np.repeat(lo, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))]
-            pos = np.repeat(pos, n)
-            same = (flat[pos[:, None] + offs] == query[j[:, None] + offs]).all(axis=1)  # no hash collision counts
-            pos, j = pos[same], j[same]
-            col = pos % L
-            right = np.full(len(pos), seed, dtype=np.int64)  # extend while the row and the text agree
-            act = np.arange(len(pos))
-            while len(act):
-                k = right[act]
-                ok = (j[act] + k < q) & (col[act] + k < L)
-                act, k = act[ok], k[ok]
-                act = act[flat[pos[act] + k] == query[j[act] + k]]
-                right[act] += 1
-            left = np.zeros(len(pos), dtype=np.int64)
-            act = np.arange(len(pos))
-            while len(act):
-                k = left[act] + 1
-                ok = (j[act] - k >= 0) & (col[act] - k >= 0)
-                act, k = act[ok], k[ok]
-                act = act[flat[pos[act] - k] == query[j[act] - k]]
-                left[act] += 1
-            uniq = np.unique(np.stack([pos - left, j - left, left + right], axis=1), axis=0)  # one per maximal run
-            runs.add(c, r0 + uniq[:, 0] // L, uniq[:, 0] % L, uniq[:, 2], uniq[:, 1])
+    for c, r0, r1 in row_blocks(store.rows_per_chunk, L, block_tokens):
+        flat = store.chunk(c)[r0:r1].reshape(-1)
+        h = ngram_hashes(flat, seed, hbuf) if stride == 1 else seed_hashes(flat, seed, stride)
+        cand = bitmap_candidates(h, bitmap, bits, cbuf)
+        cand = cand[cand * stride % L <= L - seed]  # the seed inside one row
+        if not len(cand):
+            continue
+        pos, hc = cand * stride, h[cand]
+        lo = np.searchsorted(q_sorted, hc, side="left")
+        n = np.searchsorted(q_sorted, hc, side="right") - lo
+        if not n.any():
+            continue
+        # a seed the query holds more than once pairs with each of its places
+        j = q_order[np.repeat(lo, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))]
+        pos = np.repeat(pos, n)
+        same = same_tokens(flat, pos, query, j, seed)  # no hash collision counts
+        pos, j = pos[same], j[same]
+        col = pos % L
+        right = np.full(len(pos), seed, dtype=np.int64)  # extend while the row and the text agree
+        act = np.arange(len(pos))
+        while len(act):
+            k = right[act]
+            ok = (j[act] + k < q) & (col[act] + k < L)
+            act, k = act[ok], k[ok]
+            act = act[flat[pos[act] + k] == query[j[act] + k]]
+            right[act] += 1
+        left = np.zeros(len(pos), dtype=np.int64)
+        act = np.arange(len(pos))
+        while len(act):
+            k = left[act] + 1
+            ok = (j[act] - k >= 0) & (col[act] - k >= 0)
+            act, k = act[ok], k[ok]
+            act = act[flat[pos[act] - k] == query[j[act] - k]]
+            left[act] += 1
+        uniq = np.unique(np.stack([pos - left, j - left, left + right], axis=1), axis=0)  # one per maximal run
+        runs.add(c, r0 + uniq[:, 0] // L, uniq[:, 0] % L, uniq[:, 2], uniq[:, 1])
     found = np.concatenate(runs.found) if runs.found else np.zeros((0, 4), np.int64)
     return runs.length, runs.count, found.astype(np.int64)
 
@@ -276,7 +265,7 @@ def find_text(run_dir: str | Path, text: str, *, global_batch: int | None = None
             raise
         index, notes = None, [f"where it was trained is unknown: {e}"]
     store = index.store if index is not None and index.store is not None else DataStore(RunDir(run_dir).data)
-    tok_dir = store.dir / "tokenizer"
+    tok_dir = store.dir / TOKENIZER_DIR
     if not tok_dir.is_dir():
         raise DataError(f"{store.dir} has no tokenizer (pre-tokenized data): a text cannot be turned into its ids")
     tok = load_saved(tok_dir)

@@ -7,25 +7,8 @@ tokens equal to the row's true tokens ``k .. k+l-1`` at the same position. A row
 every checkpoint on every chunk, those it has seen (chunks ``0..i`` for ``ckpt_i``, less those a
 guard skipped: :func:`~llm360.rundir.data.read_training_record`) and the rest.
 
-Exact and fast. Greedy generation equals the true continuation up to the first position where the
-model's prediction given the *true* prefix is wrong. So a teacher-forced forward pass over
-``prompt + true continuation`` (with a KV cache) gives, for every row, the predictions at all l
-positions at once (it runs in stages of 1, 2, 4, ... positions so that rows leaving the truth
-early stop being teacher-forced early):
-
-* rows whose l predictions all equal the truth are settled: greedy generation reproduces the
-  truth, score 1, no generation at all;
-* every other row has a first mismatch ``m``: its greedy output is ``truth[:m] + [pred[m]]`` and
-  the cache already holds the keys and values of ``prompt + truth[:m]`` (identical to what
-  generation would have computed), so generation continues from position ``k + m`` with the
-  mismatched token, for only ``l - 1 - m`` more steps.
-
-The continuing rows are decoded together in one batch although each sits at its own position:
-:func:`~llm360.model.llama.decode_step` gives every row its own rotary position and its own attention length. Rows
-are sorted by how many steps they need, so the rows still running are always a prefix of the
-batch (views, never copies). "Exact" means the same arithmetic as step-by-step greedy decoding;
-two implementations can still disagree where two logits tie to within rounding, as any two
-greedy decoders can (the parity test and benchmark compare with transformers' ``generate``).
+How each checkpoint's rows are scored (exactly, and faster than generating):
+:mod:`llm360.analysis.memorization_scores`.
 
 Files, under ``<run>/analysis/memorization/`` (NumPy and JSON, no pickle)::
 
@@ -42,245 +25,48 @@ A second call computes only checkpoints without a result (or whose weights chang
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
-import math
 import time
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from llm360.analysis import AnalysisError, AnalysisResult
+from llm360.analysis.memorization_scores import (
+    MemorizationScores,
+    memorization_scores,
+    reference_scores_transformers,
+)
 from llm360.config import MemorizationConfig
 from llm360.errors import CheckpointError, Llm360Error
-from llm360.log import ProgressTask, progress
-from llm360.model.llama import KVCache, Llama, decode_step
+from llm360.executor import Shard, Task, TaskError, make_executor, parse_shard
+from llm360.log import ProgressTask
 from llm360.model.load import load_model, resolve_device
 from llm360.rundir.atomic import atomic_path, write_json
-from llm360.rundir.checkpoint import read_marker, verify_checkpoint
+from llm360.rundir.checkpoint import read_marker, verify_model_files
 from llm360.rundir.data import DataStore, read_training_record
-from llm360.rundir.layout import MODEL_FILE, RunDir, list_checkpoints
+from llm360.rundir.layout import MODEL_FILE, SUMMARY, RunDir, list_checkpoint_files, list_checkpoints
 from llm360.utils import read_json
+
+__all__ = [  # the score itself is memorization_scores', here too for this module's callers
+    "MemorizationScores", "analyze_memorization", "memorization_scores", "reference_scores_transformers",
+    "sample_rows", "write_summary",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "llm360-memorization"
 VERSION = 1
-OUT_SUBDIR = ("analysis", "memorization")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that make two results comparable; any difference means "computed differently".
 _IDENTITY = ("prompt_tokens", "continuation_tokens", "rows_per_chunk", "seed", "dtype", "suppress_eos",
              "data_fingerprint")
 _SAMPLE_IDENTITY = ("rows_per_chunk", "seed", "data_fingerprint")
-
-
-# ------------------------------------------------------------------------------------ scores
-
-
-@dataclass
-class MemorizationScores:
-    """Per-row results for N rows with continuation length l."""
-
-    matched: np.ndarray
-    """(N,) int16: generated tokens equal to the true continuation at the same position."""
-    first_mismatch: np.ndarray
-    """(N,) int16: first position (0..l-1) where generation leaves the truth; l if it never does."""
-    generated: np.ndarray
-    """(N, l) int64: the greedy continuation."""
-
-    @property
-    def score(self) -> np.ndarray:
-        """(N,) float32: matched / l, the memorization score."""
-        return (self.matched / self.generated.shape[1]).astype(np.float32)
-
-
-def _argmax(logits: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    if eos_id is not None:
-        logits = logits.clone()
-        logits[..., eos_id] = -math.inf
-    return logits.argmax(dim=-1)
-
-
-def _teacher_stages(k: int, L: int) -> list[tuple[int, int]]:
-    """Position ranges of the teacher-forced passes: the prompt, then blocks of 1, 2, 4, ... truth tokens."""
-    stages, start, size = [(0, k)], k, 1
-    while start < k + L - 1:
-        stages.append((start, min(start + size, k + L - 1)))
-        start, size = start + size, 2 * size
-    return stages
-
-
-def _score_batch(model: Llama, ids_BT: torch.Tensor, k: int, L: int, eos_id: int | None) -> torch.Tensor:
-    """Greedy continuations (B, l) of the k-token prompts of ids_BT (see the module docstring).
-
-    Teacher forcing runs in stages (the prompt, then 1, 2, 4, ... truth tokens), each over only
-    the rows that have matched the truth so far, which are kept at the front of the cache: a row
-    that leaves the truth at continuation position m has cost about m teacher-forced positions
-    more than greedy decoding itself, instead of l.
-    """
-    p = next(model.parameters())
-    B = ids_BT.shape[0]
-    cache = KVCache(model.cfg, B, k + L - 1, p.device, p.dtype)
-    big_k, big_v = cache.k_BKSE, cache.v_BKSE
-    rows = torch.arange(B, device=ids_BT.device)  # cache slot -> row
-    ids = ids_BT
-    pred_BL = ids_BT.new_zeros(B, L)
-    first_B = torch.full((B,), L, dtype=torch.long, device=ids_BT.device)
-    n = B  # slots 0..n-1 hold the rows that still match the truth
-    for start, end in _teacher_stages(k, L):
-        cache.k_BKSE, cache.v_BKSE = [t[:n] for t in big_k], [t[:n] for t in big_v]
-        cache.length = start
-        h_nTD = model.model(ids[:n, start:end], cache)
-        j0 = start - (k - 1)  # continuation index predicted by this stage's first position
-        h_nTD = h_nTD[:, max(0, -j0) :]
-        j0 = max(j0, 0)
-        pred = _argmax(model._head(h_nTD), eos_id)  # (n, positions of this stage with a prediction)
-        if pred.shape[1] == 0:
-            continue
-        j1 = j0 + pred.shape[1]
-        miss = pred != ids[:n, k + j0 : k + j1]
-        left = miss.any(dim=1)
-        pred_BL[rows[:n], j0:j1] = pred
-        first_B[rows[:n][left]] = j0 + miss[left].int().argmax(dim=1)
-        if left.any():  # move the rows still matching to the front (one copy of the cache rows)
-            perm = torch.cat((torch.nonzero(~left).squeeze(1), torch.nonzero(left).squeeze(1)))
-            for t in big_k + big_v:
-                t[:n] = t[:n].index_select(0, perm)
-            rows[:n] = rows[:n][perm]
-            ids = ids.clone() if ids is ids_BT else ids
-            ids[:n] = ids[:n][perm]
-            n = int((~left).sum())
-        if n == 0:
-            break
-    gen_BL = pred_BL  # right up to and including the first mismatch; later positions are decoded below
-    slot_of = torch.empty_like(rows)
-    slot_of[rows] = torch.arange(B, device=rows.device)
-    active = torch.nonzero(first_B < L - 1).squeeze(1)
-    if active.numel() == 0:
-        return gen_BL
-    active = active[torch.argsort(first_B[active], stable=True)]  # fewest steps last: running rows = a prefix
-    first_A = first_B[active]
-    steps = (L - 1 - first_A).tolist()
-    k_cache = [t.index_select(0, slot_of[active]) for t in big_k]
-    v_cache = [t.index_select(0, slot_of[active]) for t in big_v]
-    del cache, big_k, big_v
-    tok = pred_BL[active, first_A]  # the first wrong token: generation's input at position k + m
-    pos = k + first_A
-    n = len(steps)
-    for s in range(steps[0]):
-        while n and steps[n - 1] <= s:
-            n -= 1
-        tok = _argmax(decode_step(model, tok[:n], pos[:n] + s, k_cache, v_cache), eos_id)
-        gen_BL[active[:n], first_A[:n] + 1 + s] = tok
-    return gen_BL
-
-
-@torch.no_grad()
-def memorization_scores(
-    model: Llama,
-    ids: np.ndarray | torch.Tensor,
-    prompt_tokens: int,
-    continuation_tokens: int,
-    *,
-    batch_size: int = 64,
-    eos_id: int | None = None,
-    bar: ProgressTask | None = None,
-) -> MemorizationScores:
-    """Memorization scores of N rows: prompt ``ids[:, :k]``, truth ``ids[:, k:k+l]``.
-
-    ``ids`` is (N, >= k + l) token ids. ``eos_id`` set: that token is never generated (transformers'
-    ``min_new_tokens``); None: plain greedy. Runs on the model's device and dtype, in eval mode
-    (restored after). Batches of ``batch_size`` rows; the result never depends on it.
-    """
-    k, L = prompt_tokens, continuation_tokens
-    ids_NT = torch.as_tensor(np.asarray(ids) if not isinstance(ids, torch.Tensor) else ids).long()
-    if ids_NT.ndim != 2 or ids_NT.shape[1] < k + L:
-        raise AnalysisError(f"rows of shape {tuple(ids_NT.shape)} are too short for k={k} + l={L} tokens")
-    if k + L - 1 > (model.cfg.max_seq_len or 0):
-        raise AnalysisError(f"k + l = {k + L} tokens exceed the model's max_seq_len {model.cfg.max_seq_len}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for i in range(0, ids_NT.shape[0], batch_size):
-            batch = ids_NT[i : i + batch_size, : k + L].to(device)
-            out.append(_score_batch(model, batch, k, L, eos_id).cpu())
-            if bar is not None:
-                bar.advance(batch.shape[0])
-    finally:
-        model.train(was_training)
-    gen_NL = torch.cat(out) if out else torch.zeros(0, L, dtype=torch.long)
-    return _scores_of(gen_NL.numpy(), ids_NT[:, k : k + L].numpy())
-
-
-def _scores_of(gen_NL: np.ndarray, truth_NL: np.ndarray) -> MemorizationScores:
-    eq = gen_NL == truth_NL
-    first = np.where(eq.all(axis=1), gen_NL.shape[1], np.argmin(eq, axis=1))
-    return MemorizationScores(eq.sum(axis=1).astype(np.int16), first.astype(np.int16), gen_NL.astype(np.int64))
-
-
-@torch.no_grad()
-def reference_scores_transformers(
-    folder: str | Path | torch.nn.Module,
-    ids: np.ndarray | torch.Tensor,
-    prompt_tokens: int,
-    continuation_tokens: int,
-    *,
-    batch_size: int = 32,
-    suppress_eos: bool = False,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> MemorizationScores:
-    """The same scores the Analysis360 way: ``AutoModelForCausalLM.generate`` on the folder, greedy.
-
-    ``folder`` may also be a model already loaded with ``from_pretrained`` (to time generation alone).
-
-    The reference for the parity test and the benchmark. Without ``suppress_eos`` EOS stopping is
-    switched off (generation_config.eos_token_id = None), so every row gets exactly l tokens and
-    EOS is an ordinary token; with it, ``min_new_tokens = l`` (transformers then masks EOS at every
-    step). ``pad_token_id`` is set so generate never warns or pads.
-    """
-    from transformers import AutoModelForCausalLM
-
-    k, L = prompt_tokens, continuation_tokens
-    ids_NT = torch.as_tensor(np.asarray(ids) if not isinstance(ids, torch.Tensor) else ids).long()
-    if isinstance(folder, torch.nn.Module):
-        ref = folder.eval()
-        device = next(ref.parameters()).device
-    else:
-        ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
-    # Set on the model's own generation_config: transformers fills what a passed config leaves unset
-    # (eos_token_id = None among them) from the model's, so passing a modified copy does not switch
-    # EOS stopping off. Restored afterwards.
-    gen_cfg = ref.generation_config
-    saved = copy.deepcopy(gen_cfg)
-    eos = gen_cfg.eos_token_id
-    gen_cfg.pad_token_id = eos if isinstance(eos, int) else 0
-    kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1, "max_new_tokens": L}
-    if suppress_eos:
-        kwargs["min_new_tokens"] = L
-    else:
-        gen_cfg.eos_token_id = None
-    out = []
-    try:
-        for i in range(0, ids_NT.shape[0], batch_size):
-            prompt = ids_NT[i : i + batch_size, :k].to(device)
-            res = ref.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-            out.append(res[:, k:].cpu())
-    finally:
-        ref.generation_config = saved
-    gen_NL = torch.cat(out) if out else torch.zeros(0, L, dtype=torch.long)
-    if gen_NL.shape[1] != L:
-        raise AnalysisError(f"transformers generated {gen_NL.shape[1]} tokens per row, expected {L}")
-    return _scores_of(gen_NL.numpy(), ids_NT[:, k : k + L].numpy())
 
 
 # ------------------------------------------------------------------------------------ samples
@@ -325,8 +111,9 @@ def find_checkpoints(checkpoints_dir: Path) -> list[tuple[int, str, Path]]:
 
 
 def check_complete(folder: Path) -> None:
-    """Raise CheckpointError unless folder is a complete checkpoint (marker present, every hash right)."""
-    verify_checkpoint(folder)
+    """Raise CheckpointError unless folder is a complete checkpoint whose model files (weights, configs)
+    match its marker; checked once per process (:func:`~llm360.rundir.checkpoint.verify_model_files`)."""
+    verify_model_files(folder)
 
 
 def _model_sha256(folder: Path) -> str | None:
@@ -384,6 +171,11 @@ def analyze_memorization(
     *,
     checkpoints: Sequence[str] | None = None,
     force: bool = False,
+    executor: str = "local",
+    workers: int = 1,
+    gpus_per_task: float = 0.0,
+    ray_address: str | None = None,
+    shard: str | Shard | None = None,
 ) -> AnalysisResult:
     """Score every complete checkpoint of a run on rows sampled from every chunk; write the summary.
 
@@ -393,6 +185,12 @@ def analyze_memorization(
     ``result.failed`` and the others go on. Results computed with other settings (k, l, rows, seed,
     dtype, EOS handling, data) raise AnalysisError before anything is touched, unless ``force``,
     which recomputes everything.
+
+    Each checkpoint is a task (:func:`memorize_checkpoint`) of the executor ``executor`` (``local``
+    or ``ray``; ``workers``, ``ray_address``: :func:`llm360.executor.make_executor`), with
+    ``gpus_per_task`` GPUs each on Ray. ``shard`` (``"I/N"``): only every N-th checkpoint folder
+    (by position among the folders, done or not), starting at I; the summary still covers every
+    result on disk, so the shards of a Slurm array merge.
     """
     cfg = cfg or MemorizationConfig()
     run = RunDir(run_dir)
@@ -403,7 +201,7 @@ def analyze_memorization(
             f"k + l = {k} + {L} tokens do not fit in a training row of {store.row_length} tokens; "
             "lower analysis.memorization.prompt_tokens / continuation_tokens"
         )
-    out = run.root.joinpath(*OUT_SUBDIR)
+    out = run.memorization_dir
     out.mkdir(parents=True, exist_ok=True)
     settings = {
         "prompt_tokens": k, "continuation_tokens": L, "rows_per_chunk": cfg.rows_per_chunk, "seed": cfg.seed,
@@ -420,6 +218,8 @@ def analyze_memorization(
         for name in unknown:
             result.failed[name] = f"no checkpoint folder {run.checkpoints / name}"
         found = [c for c in found if c[1] in wanted]
+    part = parse_shard(shard) if isinstance(shard, str) else shard
+    found = [c for i, c in enumerate(found) if part is None or i % part.count == part.index]
     todo = []
     for idx, name, path in found:
         status = _status(out, name, settings, _model_sha256(path))
@@ -437,20 +237,21 @@ def analyze_memorization(
             logger.warning("%s: the weights changed since its memorization was computed; recomputing", name)
         todo.append((idx, name, path))
 
-    eos_id = int(store.manifest["eos_id"]) if cfg.suppress_eos else None
     if todo:
-        device = resolve_device(cfg.device, where="analysis.memorization.device")
-        ids_NT = _gather(store, chunk_N, row_N, k + L)
-        with progress("memorization", total=len(todo) * len(row_N), unit="rows") as bar:
-            for idx, name, path in todo:
-                try:
-                    _one_checkpoint(out, idx, name, path, ids_NT, chunk_N, row_N, cfg, settings, device, eos_id, bar,
-                                    skipped)
-                    result.computed.append(name)
-                except Llm360Error as e:
-                    result.failed[name] = f"skipped: {e}"  # reported by the caller (result.failed)
-                    logger.debug("%s: skipped: %s", name, e)
-                    bar.advance(len(row_N))
+        resolve_device(cfg.device, where="analysis.memorization.device")  # fails before any task runs
+        tasks = [Task(f"memorization:{name}", memorize_checkpoint,
+                      (str(run.root), cfg, idx, name, str(path), settings, tuple(skipped)), num_gpus=gpus_per_task)
+                 for idx, name, path in todo]  # fmt: skip
+        with make_executor(executor, workers, ray_address) as ex:
+            ex.check_visible(run.root)
+            outcomes = ex.run(tasks, progress_label="memorization: checkpoints", unit="checkpoints", keep_going=True)
+        for (_, name, _), outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, TaskError):  # the task itself broke (a bug, a worker lost for good)
+                result.failed[name] = f"failed: {outcome.error_type}: {outcome.message}"
+            elif outcome is not None:
+                result.failed[name] = f"skipped: {outcome}"  # reported by the caller (result.failed)
+            else:
+                result.computed.append(name)
     result.summary = write_summary(out, store.num_chunks, settings, skipped)
     return result
 
@@ -476,9 +277,42 @@ def _samples(out: Path, store: DataStore, cfg: MemorizationConfig, settings: dic
     return chunk_N, row_N
 
 
+_rows_cache: tuple[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray, int | None]] | None = None
+
+
+def _sampled_rows(run: RunDir, cfg: MemorizationConfig, settings: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """(chunk_N, row_N, ids_NT, eos_id) of the sampled rows, read once per process for these settings."""
+    global _rows_cache
+    key = (str(run.root.resolve()), json.dumps(settings, sort_keys=True))
+    if _rows_cache is None or _rows_cache[0] != key:
+        store = DataStore(run.data)
+        chunk_N, row_N = sample_rows(store.rows_per_chunk, cfg.rows_per_chunk, cfg.seed)
+        ids_NT = _gather(store, chunk_N, row_N, cfg.prompt_tokens + cfg.continuation_tokens)
+        eos_id = int(store.manifest["eos_id"]) if cfg.suppress_eos else None
+        _rows_cache = (key, (chunk_N, row_N, ids_NT, eos_id))
+    return _rows_cache[1]
+
+
+def memorize_checkpoint(
+    run_dir: str, cfg: MemorizationConfig, idx: int, name: str, path: str, settings: dict, skipped: Sequence[int]
+) -> str | None:
+    """Score one checkpoint and write its result (an executor task); None when done, else why it was
+    skipped (incomplete, damaged, unreadable: the others go on)."""
+    run = RunDir(run_dir)
+    try:
+        chunk_N, row_N, ids_NT, eos_id = _sampled_rows(run, cfg, settings)
+        device = resolve_device(cfg.device, where="analysis.memorization.device")
+        _one_checkpoint(run.memorization_dir, idx, name, Path(path), ids_NT, chunk_N, row_N, cfg, settings, device,
+                        eos_id, None, skipped)  # fmt: skip
+    except Llm360Error as e:
+        logger.debug("%s: skipped: %s", name, e)
+        return str(e)
+    return None
+
+
 def _one_checkpoint(
     out: Path, idx: int, name: str, path: Path, ids_NT: np.ndarray, chunk_N: np.ndarray, row_N: np.ndarray,
-    cfg: MemorizationConfig, settings: dict, device: torch.device, eos_id: int | None, bar: ProgressTask,
+    cfg: MemorizationConfig, settings: dict, device: torch.device, eos_id: int | None, bar: ProgressTask | None,
     skipped: Sequence[int] = (),
 ) -> None:  # fmt: skip
     check_complete(path)
@@ -531,7 +365,7 @@ def write_summary(out: Path, num_chunks: int, settings: dict, skipped_chunks: Se
     names, idx, scores, matched = [], [], [], []
     L = settings["continuation_tokens"]
     chunk_N = None
-    for meta_path in sorted(out.glob("ckpt_*.json")):
+    for _, meta_path in list_checkpoint_files(out, ".json"):
         name = meta_path.stem
         try:
             meta = read_json(meta_path)
@@ -588,7 +422,7 @@ def write_summary(out: Path, num_chunks: int, settings: dict, skipped_chunks: Se
             "extractible_pearson": _nested(_pearson_seen(E_CN, chunk_N, ckpt_chunk, skipped_chunks)),
         },
     }  # fmt: skip
-    path = out / "summary.json"
+    path = out / SUMMARY
     write_json(path, summary)
     return path
 

@@ -34,8 +34,28 @@ AMBER_MIX_BTOKENS = {
     "wikipedia": 23.90,
 }
 
+# CrystalCoder's tokens per stage in billions (LLM360's CrystalCoderDatasets card: half of SlimPajama;
+# 0.5 * 690 + 2 * 291; 100 of StarCoder's Python and web code + ~10 of SlimPajama).
+CRYSTALCODER_STAGE_BTOKENS = {"stage1": 345.0, "stage2": 927.0, "stage3": 110.0}
+
+# The layout both 7B presets train with: FSDP2 sharded over every rank, each block's activations
+# recomputed in backward, compiled; `llm360 plan` puts it at ~16 GB a GPU on Amber's 224 x 80 GB
+# (10 sequences a rank: two micro-batches of 5). Deterministic algorithms on CPU only: on GPUs
+# replay compares within verify's tolerance instead of bit for bit.
+_PAPER_SCALE_LAYOUT = {
+    "parallelism": "fsdp",
+    "activation_checkpointing": True,
+    "compile": True,
+    "deterministic": "auto",
+    "micro_batch_sequences": 5,
+}
+
 
 def _preset_embedded() -> dict:
+    # Sized to show the paper's dynamics within a few minutes on two CPU cores (about 0.85 M training
+    # tokens, 2.9 M parameters): held-out perplexity falls at every checkpoint, the demo tasks rise above
+    # chance, and the licence files -- a quarter of the tokens, each text in dozens of copies, repeated
+    # three times by the mix -- go from unmemorized to k-extractible. Code is sub-sampled, the rest kept.
     return {
         "name": "embedded-default",
         "preset": "embedded",
@@ -46,20 +66,29 @@ def _preset_embedded() -> dict:
                 {
                     "name": "main",
                     "chunks": 6,
-                    # ~0.7M tokens: a few minutes of CPU training; every licence text is kept
-                    # (with its natural duplicates, memorization shows), the rest sub-sampled.
                     "mix": [
-                        {"source": "code", "weight": 0.03},
+                        {"source": "code", "weight": 0.15},
                         {"source": "docs", "weight": 1.0},
-                        {"source": "package-docs", "weight": 0.3},
-                        {"source": "licenses", "weight": 1.0},
+                        {"source": "package-docs", "weight": 1.0},
+                        {"source": "licenses", "weight": 3.0},
                     ],
                 }
             ],
             "tokenizer": {"kind": "train", "vocab_size": 4096},
+            "valid_fraction": 0.05,
         },
-        "model": {"name": "tiny"},
-        "eval": {"tasks": ["perplexity", "demo"]},
+        "model": {"name": "demo"},
+        # A small model learns fast at a high peak lr; the cosine decay to a tenth keeps every
+        # checkpoint's held-out perplexity below the one before.
+        "train": {
+            "global_batch_sequences": 16,
+            "micro_batch_sequences": 16,
+            "lr": 2e-3,
+            "min_lr": 2e-4,
+            "warmup_steps": 40,
+            "log_every": 10,
+        },
+        "eval": {"tasks": ["perplexity", "demo"], "perplexity_max_rows": 256},
         "analysis": {
             "memorization": {"rows_per_chunk": 200},
             "contamination": {"tasks": ["llm360_demo_licence_mc", "llm360_demo_next_line_mc",
@@ -86,8 +115,8 @@ def _preset_amber() -> dict:
         "model": {"name": "amber-7b"},
         "eval": {"tasks": ["perplexity", "openllm"]},
         "train": {
+            **_PAPER_SCALE_LAYOUT,
             "global_batch_sequences": 2240,
-            "micro_batch_sequences": 4,
             "lr": 3e-4,
             "min_lr": 3e-5,
             "warmup_steps": 2000,
@@ -137,12 +166,15 @@ def _preset_crystalcoder() -> dict:
         },
         "model": {"name": "crystalcoder-7b"},
         "eval": {"tasks": ["perplexity", "openllm", "code"]},
+        "train": {**_PAPER_SCALE_LAYOUT},
     }
 
 
 # Model architectures by name; `model.name: amber-7b` fills these, explicit fields win.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 128, "intermediate_size": 384, "num_layers": 2, "num_heads": 4},
+    # The embedded default's model: 2.9 M parameters with the demo's 4096-token vocabulary.
+    "demo": {"hidden_size": 192, "intermediate_size": 512, "num_layers": 3, "num_heads": 4},
     "125m": {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 12, "num_heads": 12},
     "1b": {"hidden_size": 2048, "intermediate_size": 5504, "num_layers": 16, "num_heads": 16},
     # The paper's Table 3: LLaMA-7B.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llm360.config.base import Section, seed_field
 
@@ -51,10 +51,20 @@ class TrainConfig(Section):
     """Wrap the model in torch.compile."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
-    deterministic: bool = True
-    """Deterministic algorithms, so resume and replay are bitwise on CPU."""
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
-    """Data parallelism under torchrun: DDP, or FSDP2 (fully_shard per block) with sharded checkpoints."""
+    deterministic: bool | Literal["auto"] = True
+    """Deterministic algorithms: true (resume and replay bitwise on CPU; slower kernels on GPU), false, or auto (on for CPU, off on GPU, where `llm360 verify --replay` compares within its stated tolerance, max abs diff 1e-5 per tensor)."""
+    parallelism: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    """Data parallelism under torchrun: ddp (replicated), fsdp (FSDP2, fully_shard per block, sharded over every data rank) or hsdp (sharded inside groups of train.shard_group_size ranks, replicated across groups; `llm360 plan` evaluates it, the trainer refuses it for now)."""
+    shard_group_size: int | None = Field(None, ge=2)
+    """hsdp only: data-parallel ranks that shard the model among themselves (x train.tensor_parallel GPUs must fit in one node); groups of that size replicate it. Null for ddp and fsdp."""
+    tensor_parallel: int = Field(1, ge=1)
+    """GPUs that split every matrix of a block (DTensor, inside one node); it must divide the heads, the key/value heads and the MLP width. 1: none (above 1: `llm360 plan` only for now, the trainer refuses it)."""
+    peak_tflops: float | None = Field(None, gt=0.0)
+    """Dense bf16 peak of one device in TFLOP/s, the denominator of MFU; null: known GPUs by name (H100 SXM 989, A100 312, ...), else no MFU."""
+    device_memory_gb: float | None = Field(None, gt=0.0)
+    """Memory of one device in GB (1e9 bytes) that the start-up memory plan is checked against; null: the CUDA device's own, no check on CPU."""
+    checkpoint_shard_mb: int = Field(5000, ge=1)
+    """Largest safetensors file of a checkpoint in MB (1e6 bytes), as transformers' max_shard_size; the plan counts files and bytes per writing rank by it."""
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also checkpoint every N steps inside a chunk (resumable, not a release checkpoint); null: only per chunk."""
     max_chunks: int | None = Field(None, ge=1)
@@ -70,8 +80,39 @@ class TrainConfig(Section):
     guards: GuardConfig = Field(default_factory=GuardConfig)
     """Policies for non-finite values and loss spikes."""
 
+    @field_validator("deterministic", mode="before")
+    @classmethod
+    def _check_deterministic(cls, v: object) -> object:
+        if isinstance(v, bool) or v == "auto" or (isinstance(v, int) and v in (0, 1)):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise ValueError("expected true, false or auto")
+
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr = {self.min_lr:g} is above lr = {self.lr:g}: the cosine decays from lr to min_lr")
         return self
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> TrainConfig:
+        """What the layout fields must agree on without knowing the world size (the rest:
+        :func:`llm360.train.plan.check_layout`, at start-up and in `llm360 plan`)."""
+        if self.parallelism == "hsdp" and self.shard_group_size is None:
+            raise ValueError(
+                "parallelism = hsdp needs shard_group_size, the data-parallel ranks of one shard group "
+                "(e.g. the GPUs of a node); or use parallelism = fsdp to shard over every rank"
+            )
+        if self.parallelism != "hsdp" and self.shard_group_size is not None:
+            raise ValueError(
+                f"shard_group_size = {self.shard_group_size} applies to parallelism = hsdp only, not "
+                f"{self.parallelism}; set parallelism = hsdp, or shard_group_size = null"
+            )
+        return self
+
+    def deterministic_on(self, device_type: str) -> bool:
+        """Whether deterministic algorithms are on for a device type ("cpu", "cuda"): auto is on for CPU only."""
+        if self.deterministic == "auto":
+            return device_type == "cpu"
+        return bool(self.deterministic)

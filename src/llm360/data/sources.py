@@ -371,17 +371,35 @@ def _read_error(path: Path, lineno: int, method: str | None, err: BaseException)
     )
 
 
-def _iter_lines(path: Path, limit: int = -1) -> Iterator[tuple[int, bytes, int]]:
+def _iter_lines(
+    path: Path, limit: int = -1, *, start: int = 0, stop: int | None = None, first_line: int = 1
+) -> Iterator[tuple[int, bytes, int]]:
     """Yield (1-based line number, line bytes, total bytes of the line) for each line.
 
     With ``limit`` > 0, a line of ``limit`` bytes or more is returned truncated to ``limit`` bytes
     (its total size in the third field) and the rest is skipped without being held in memory.
+    ``start``/``stop`` (uncompressed files only): just the lines that *begin* at a byte offset in
+    ``[start, stop)``, numbered from ``first_line`` -- one piece of a file split into byte ranges.
     """
     raw, f, method = _open_lines(path)
     with raw, f:
         readline = f.readline
-        lineno = 0
+        ranged = start > 0 or stop is not None
+        if ranged and method is not None:
+            raise AssertionError(f"{path}: a byte range of a {method}-compressed file cannot be read")
+        pos = 0
+        lineno = first_line - 1
+        if start > 0:
+            f.seek(start - 1)  # the line that holds byte start-1 began before this range: skip it
+            pos = start - 1
+            while True:
+                rest = readline(_BUF)
+                pos += len(rest)
+                if not rest or rest[-1] == 0x0A:
+                    break
         while True:
+            if stop is not None and pos >= stop:
+                return
             lineno += 1
             try:
                 line = readline(limit)
@@ -396,7 +414,32 @@ def _iter_lines(path: Path, limit: int = -1) -> Iterator[tuple[int, bytes, int]]
                 raise _read_error(path, lineno, method, e) from None
             if not line:
                 return
+            pos += size
             yield lineno, line, size
+
+
+def count_line_starts(path: Path, start: int, stop: int) -> int:
+    """How many lines of an uncompressed file begin at a byte offset in ``[start, stop)``.
+
+    A line begins at offset 0 and after every newline; :func:`_iter_lines` numbers the lines of
+    a byte range from the counts of the ranges before it. Reads ``stop - start`` bytes.
+    """
+    n = 1 if start == 0 else 0
+    lo = max(0, start - 1)
+    hi = max(lo, stop - 1)  # a newline at p starts a line at p + 1
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(lo)
+            left = hi - lo
+            while left > 0:
+                block = f.read(min(left, 16 << 20))
+                if not block:
+                    break
+                n += block.count(b"\n")
+                left -= len(block)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}; check that it exists and is readable") from None
+    return n
 
 
 # ------------------------------------------------------------------------------ shared checks
@@ -477,11 +520,12 @@ def _keys(obj: dict) -> str:
 
 
 def _iter_jsonl(
-    name: str, path: Path, label: str, text_field: str, max_chars: int, min_chars: int
+    name: str, path: Path, label: str, text_field: str, max_chars: int, min_chars: int,
+    *, start: int = 0, stop: int | None = None, first_line: int = 1,
 ) -> Iterator[Document | Rejected]:
     limit = _BYTES_PER_CHAR_MAX * max_chars + _LINE_SLACK
-    seen_record = False
-    for lineno, line, size in _iter_lines(path, limit):
+    seen_record = start > 0  # a later byte range: the file's first record lies before it
+    for lineno, line, size in _iter_lines(path, limit, start=start, stop=stop, first_line=first_line):
         doc_id = f"{label}:{lineno}"
         if size >= limit:
             yield Rejected(
@@ -544,8 +588,10 @@ def _has_lone_surrogate(text: str) -> bool:
 # --------------------------------------------------------------------------------------- llm360
 
 
-def _iter_llm360(name: str, path: Path, label: str) -> Iterator[TokenRow | Rejected]:
-    for lineno, line, _size in _iter_lines(path):
+def _iter_llm360(
+    name: str, path: Path, label: str, *, start: int = 0, stop: int | None = None, first_line: int = 1
+) -> Iterator[TokenRow | Rejected]:
+    for lineno, line, _size in _iter_lines(path, start=start, stop=stop, first_line=first_line):
         doc_id = f"{label}:{lineno}"
         obj = _decode_json_line(name, doc_id, line, lineno)
         if obj is None:
@@ -644,8 +690,11 @@ def _column_error(path: Path, field: str, names: list[str], what: str) -> DataEr
 
 
 def _iter_parquet(
-    name: str, path: Path, label: str, field: str, max_chars: int, min_chars: int, batch_size: int = 1024
+    name: str, path: Path, label: str, field: str, max_chars: int, min_chars: int, batch_size: int = 1024,
+    *, groups: tuple[int, int] | None = None, first_row: int = 0,
 ) -> Iterator[Document | Rejected]:
+    """The rows of a Parquet file, or of its row groups ``[groups[0], groups[1])`` whose first row is
+    row ``first_row`` of the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -662,8 +711,8 @@ def _iter_parquet(
         ftype = schema.field(field).type
         if not _text_type_ok(ftype):
             raise DataError(f"{path}: column {field!r} has type {ftype}, expected a string column")
-        row = 0
-        for group in range(pf.num_row_groups):
+        row = first_row
+        for group in range(*(groups or (0, pf.num_row_groups))):
             try:
                 for batch in pf.iter_batches(batch_size=batch_size, row_groups=[group], columns=[field]):
                     values = _arrow_texts(batch.column(0))

@@ -2,7 +2,9 @@
 
 Front door: :func:`evaluate` (``llm360 eval``). Pieces:
 
-* :mod:`llm360.eval.runner` -- checkpoints x tasks, one result file per pair, summary, watch mode;
+* :mod:`llm360.eval.runner` -- checkpoints x tasks as a plan of pairs on an executor, shards, watch mode;
+* :mod:`llm360.eval.pairs` -- one (checkpoint, task) pair, the unit every executor runs;
+* :mod:`llm360.eval.results` -- one result file per pair, the summary rebuilt from them;
 * :mod:`llm360.eval.perplexity` -- mean token NLL on each source's held-out rows;
 * :mod:`llm360.eval.adapter` -- :class:`LLM360LM`, lm-eval's ``llm360`` model running our Llama;
 * :mod:`llm360.eval.harness` -- lm-eval task discovery, offline checks, running one task;

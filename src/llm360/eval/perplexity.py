@@ -21,11 +21,12 @@ from llm360.errors import DataError
 from llm360.log import progress
 from llm360.model.llama import Llama
 from llm360.rundir.data import DataStore
+from llm360.rundir.layout import data_manifest
 
 
 def validation_sources(data_dir: Path) -> tuple[DataStore | None, list[str], str | None]:
     """(store, sources with held-out rows, why perplexity cannot run or None)."""
-    if not (data_dir / "manifest.json").is_file():
+    if not data_manifest(data_dir).is_file():
         return None, [], (
             f"no prepared data in {data_dir}: perplexity needs the run's held-out split "
             "(run `llm360 prepare` on this run directory, or leave `perplexity` out of the tasks)"

@@ -1,12 +1,11 @@
 """`llm360 eval`: every complete checkpoint x every task, incrementally, one result file per pair.
 
-::
-
-    <run>/eval/
-      ckpt_000/perplexity.json              one file per (checkpoint, task), written atomically
-      ckpt_000/arc_challenge_25shot.json
-      ckpt_000/<task>.samples.jsonl         per-example outputs (eval.log_samples)
-      summary.json  summary.csv             one table over every checkpoint, rebuilt after each pass
+The (checkpoint, task) pairs are independent tasks (:mod:`llm360.eval.pairs`) run by an executor
+(:mod:`llm360.executor`): in this process (the default), in ``workers`` local processes, or on a
+Ray cluster with ``gpus_per_task`` GPUs each. ``shard=I/N`` takes every N-th pair of the plan
+(all pairs of the models present, in order, whether done or not), so the N jobs of a Slurm array
+cover a run between them. Results are one file per pair (:mod:`llm360.eval.results`), written
+atomically; the summary is rebuilt from the files by every call, so shards and retries merge.
 
 A result file records the sha256 of the checkpoint's ``COMPLETE.json`` marker (which itself lists
 the sha256 of every file), the task's settings, the metrics and lm-eval's details. A (checkpoint,
@@ -15,88 +14,36 @@ computed again; a checkpoint that was re-saved, or a task whose settings changed
 
 Only complete checkpoints are read: a ``ckpt_NNN`` folder without its marker is still being
 written and is skipped with a message; one that fails verification is skipped with the reason.
-A task that fails on a checkpoint writes nothing, logs what went wrong, and the others still run.
+A pair that fails writes nothing and is reported with its error; the others still run.
 With ``watch`` the runner keeps looking for new checkpoints until training is finished (the last
-chunk's checkpoint is complete), ``eval.watch_idle_timeout_s`` passes without a new one, or Ctrl-C.
+chunk's checkpoint is complete), ``eval.watch_idle_timeout_s`` passes without a new one, or Ctrl-C;
+with several workers each is a watcher of its own, and a checkpoint is taken by exactly one of
+them (an flock claim on ``eval/.claims/<checkpoint>.lock``, dropped if its process dies).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from llm360 import __version__
 from llm360.config import EvalConfig
-from llm360.errors import CheckpointError, Llm360Error
+from llm360.errors import Llm360Error
+from llm360.eval.pairs import Pair, PairOutcome, claimed, context, evaluate_pair, signature
+from llm360.eval.results import EvalTable, ItemError
 from llm360.eval.specs import TaskSpec, resolve_tasks
+from llm360.executor import Executor, Shard, Task, TaskError, make_executor, parse_shard
 from llm360.rundir import layout
-from llm360.rundir.atomic import atomic_write_text
 from llm360.rundir.checkpoint import marker_sha256
-from llm360.rundir.layout import MARKER, RunDir, ckpt_name, has_marker, parse_ckpt_name
+from llm360.rundir.layout import MARKER, RunDir, ckpt_name, has_marker
 from llm360.utils import read_json
 
+__all__ = ["EvalTable", "ItemError", "evaluate", "list_checkpoints", "list_models", "training_finished"]
+
 logger = logging.getLogger(__name__)
-
-RESULT_FORMAT = "llm360-eval-result"
-SUMMARY_FORMAT = "llm360-eval-summary"
-SUMMARY_JSON = "summary.json"
-SUMMARY_CSV = "summary.csv"
-_ROW_KEYS = ("checkpoint", "step", "tokens_seen")
-
-
-@dataclass
-class ItemError:
-    """A (checkpoint, task) pair that could not be evaluated, and why."""
-
-    checkpoint: str
-    task: str
-    message: str
-
-
-@dataclass
-class EvalTable:
-    """What `evaluate` returns: the summary over all checkpoints and what this call did."""
-
-    columns: list[str] = field(default_factory=list)
-    """Metric columns, ``<task>/<metric>`` (e.g. ``perplexity/overall``, ``arc_challenge_25shot/acc_norm``)."""
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    """One per checkpoint with any result: checkpoint, step, tokens_seen and the columns (None: not evaluated)."""
-    computed: list[tuple[str, str]] = field(default_factory=list)
-    """(checkpoint, task) pairs evaluated by this call."""
-    failed: list[ItemError] = field(default_factory=list)
-    """Pairs that failed in this call (nothing was written for them)."""
-    unavailable: dict[str, str] = field(default_factory=dict)
-    """Tasks that could not run at all in this call (missing data, unknown name, broken file): why."""
-    skipped: dict[str, str] = field(default_factory=dict)
-    """Checkpoints skipped in this call (incomplete, failed verification): why."""
-    interrupted: bool = False
-    """True when Ctrl-C ended the call; every result written before it is kept."""
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per task key: kind, lm-eval task, shots, preset and primary metric (as in summary.json)."""
-
-    def headline_columns(self) -> list[str]:
-        """One column per task, its primary metric (plus the Open LLM average): what a console shows."""
-        out = [f"{k}/{m['primary_metric']}" for k, m in self.tasks.items() if m.get("primary_metric")]
-        out = [c for c in out if c in self.columns]
-        return out + [c for c in self.columns if c == "openllm/average"]
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow([*_ROW_KEYS, *self.columns])
-        for row in self.rows:
-            writer.writerow(["" if row.get(k) is None else row[k] for k in (*_ROW_KEYS, *self.columns)])
-        return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -109,21 +56,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def list_models(run_dir: str | Path) -> list[Path]:
     """Every model to evaluate: the chunk checkpoints in order, then fine-tuned models (finetune/<name>)."""
-    ft = RunDir(run_dir).root / "finetune"
+    ft = RunDir(run_dir).finetune_dir
     tuned = sorted(p for p in ft.iterdir() if p.is_dir() and not p.name.startswith(".")) if ft.is_dir() else []
     return list_checkpoints(run_dir) + tuned
 
 
-def _verify(folder: Path) -> None:
-    """Full check of a checkpoint: its marker and every listed file's size and sha256."""
-    from llm360.rundir.checkpoint import verify_checkpoint
-
-    verify_checkpoint(folder)
-
-
 def _trainer_state(folder: Path) -> dict[str, Any]:
     try:
-        state = read_json(folder / "trainer_state.json")
+        state = read_json(folder / layout.TRAINER_STATE)
         return state if isinstance(state, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -169,188 +109,39 @@ def _selected(folders: list[Path], wanted: list[str] | None) -> list[Path]:
     return chosen
 
 
-# ------------------------------------------------------------------------------ results
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_json_safe(v) for v in obj]
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return _json_safe(obj.item())
-    except ImportError:
-        pass
-    if isinstance(obj, torch.dtype | torch.device | Path):
-        return str(obj)
-    return str(obj)
-
-
-def _dump(obj: Any) -> str:
-    return json.dumps(_json_safe(obj), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-class _Results:
-    """The eval/ folder of a run: result files, their validity, the summary."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path(self, ckpt: str, key: str) -> Path:
-        return self.root / ckpt / f"{key}.json"
-
-    def read(self, ckpt: str, key: str) -> dict[str, Any] | None:
-        p = self.path(ckpt, key)
-        if not p.is_file():
-            return None
-        try:
-            data = read_json(p)
-        except (OSError, ValueError) as e:
-            logger.warning("%s is unreadable (%s); it will be computed again", p, e)
-            return None
-        return data if isinstance(data, dict) and data.get("format") == RESULT_FORMAT else None
-
-    def done(self, ckpt: str, spec: TaskSpec, marker_sha: str, signature: dict[str, Any]) -> bool:
-        data = self.read(ckpt, spec.key)
-        if data is None:
-            return False
-        if data.get("checkpoint_marker_sha256") != marker_sha:
-            logger.info("%s/%s: the checkpoint changed since it was evaluated; evaluating again", ckpt, spec.key)
-            return False
-        if data.get("signature") != _json_safe(signature):
-            logger.info("%s/%s: the task's settings changed (%s -> %s); evaluating again",
-                        ckpt, spec.key, data.get("signature"), _json_safe(signature))
-            return False
-        return True
-
-    def write(self, ckpt: str, key: str, payload: dict[str, Any]) -> Path:
-        p = self.path(ckpt, key)
-        atomic_write_text(p, _dump(payload))
-        return p
-
-    def write_samples(self, ckpt: str, key: str, samples: dict[str, list[dict]]) -> None:
-        lines = []
-        for task, rows in samples.items():
-            for row in rows:
-                lines.append(json.dumps(_json_safe({"task": task, **row}), sort_keys=True, ensure_ascii=False))
-        atomic_write_text(self.root / ckpt / f"{key}.samples.jsonl", "".join(x + "\n" for x in lines))
-
-    def summary(self, order: list[str], table: EvalTable) -> EvalTable:
-        """Rebuild the table from every result file; write summary.json and summary.csv."""
-        rows: dict[str, dict[str, Any]] = {}
-        columns: dict[str, None] = {}
-        keyed: dict[str, list[str]] = {}
-        tasks_meta: dict[str, dict[str, Any]] = {}
-        if self.root.is_dir():
-            # chunk checkpoints in chunk order, then fine-tuned models by name
-            ckpt_dirs = sorted(
-                ((0, i, p.name) if (i := parse_ckpt_name(p.name)) is not None else (1, 0, p.name), p)
-                for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-            )
-            for _, d in ckpt_dirs:
-                for f in sorted(d.glob("*.json")):
-                    data = self.read(d.name, f.stem)
-                    if data is None:
-                        continue
-                    key = str(data.get("task", f.stem))
-                    row = rows.setdefault(d.name, {"checkpoint": d.name, "step": None, "tokens_seen": None})
-                    row["step"] = row["step"] if row["step"] is not None else data.get("step")
-                    row["tokens_seen"] = row["tokens_seen"] if row["tokens_seen"] is not None else data.get("tokens_seen")
-                    metrics = dict(data.get("metrics") or {})
-                    primary = data.get("primary_metric")
-                    if primary in metrics:  # the headline number first (the file's keys are sorted)
-                        metrics = {primary: metrics[primary], **metrics}
-                    for metric, value in metrics.items():
-                        col = f"{key}/{metric}"
-                        keyed.setdefault(key, [])
-                        if col not in keyed[key]:
-                            keyed[key].append(col)
-                        row[col] = value
-                    tasks_meta.setdefault(key, {
-                        "kind": data.get("kind"), "lm_eval_task": data.get("signature", {}).get("task"),
-                        "num_fewshot": data.get("signature", {}).get("num_fewshot"),
-                        "primary_metric": data.get("primary_metric"), "preset": data.get("preset"),
-                    })  # fmt: skip
-        for key in [k for k in order if k in keyed] + sorted(k for k in keyed if k not in order):
-            for col in keyed[key]:
-                columns[col] = None
-        _add_openllm_average(rows, columns)
-        table.columns = list(columns)
-        table.tasks = {k: tasks_meta[k] for k in [k for k in order if k in keyed] + sorted(set(keyed) - set(order))}
-        table.rows = [{k: row.get(k) for k in (*_ROW_KEYS, *table.columns)} for row in rows.values()]
-        summary = {
-            "format": SUMMARY_FORMAT,
-            "version": 1,
-            "columns": table.columns,
-            "rows": table.rows,
-            "tasks": tasks_meta,
-        }
-        atomic_write_text(self.root / SUMMARY_JSON, _dump(summary))
-        atomic_write_text(self.root / SUMMARY_CSV, table.to_csv())
-        return table
-
-
-_OPENLLM_COLUMNS = (
-    "arc_challenge_25shot/acc_norm", "hellaswag_10shot/acc_norm", "mmlu_5shot/acc", "truthfulqa_mc2_0shot/acc",
-)  # fmt: skip
-
-
-def _add_openllm_average(rows: dict[str, dict[str, Any]], columns: dict[str, None]) -> None:
-    """The Open LLM Leaderboard average, where a checkpoint has all four of its numbers."""
-    if not all(c in columns for c in _OPENLLM_COLUMNS):
-        return
-    columns["openllm/average"] = None
-    for row in rows.values():
-        values = [row.get(c) for c in _OPENLLM_COLUMNS]
-        row["openllm/average"] = sum(values) / 4 if all(isinstance(v, (int, float)) for v in values) else None
-
-
-# ------------------------------------------------------------------------------ the runner
+# ------------------------------------------------------------------------------ the driver
 
 
 class _Evaluator:
-    def __init__(self, run_dir: Path, specs: list[TaskSpec], cfg: EvalConfig) -> None:
-        from llm360.eval.harness import TaskRunner
+    """One evaluation's plan and bookkeeping: which pairs are pending, what became of each."""
 
+    def __init__(self, run_dir: Path, specs: list[TaskSpec], cfg: EvalConfig, shard: Shard | None = None,
+                 call: str | None = None) -> None:  # fmt: skip
         self.rd = RunDir(run_dir)
         self.specs = specs
         self.cfg = cfg
-        self.results = _Results(self.rd.root / "eval")
+        self.shard = shard
+        self.call = call or uuid.uuid4().hex
+        self.ctx = context(run_dir, cfg, self.call)
+        self.results = self.ctx.results
         self.table = EvalTable()
-        self.tasks = TaskRunner(cfg) if any(s.kind == "lm-eval" for s in specs) else None
-        self.store: Any = None
-        self.sources: list[str] = []
+        self.runnable: list[TaskSpec] = []
         self._announced: set[str] = set()
         self._unverified: dict[str, str] = {}
         """Checkpoints that failed verification -> their marker's sha256 (watch mode does not re-hash them)."""
         self._failed: set[tuple[str, str, str]] = set()
         """(checkpoint, task, marker sha256) that failed in this call: not retried until the next call."""
-        self.runnable: list[TaskSpec] = []
-        self._marker_sha = ""
-
-    def signature(self, spec: TaskSpec) -> dict[str, Any]:
-        if spec.kind == "perplexity":
-            return {"task": "perplexity", "max_rows": self.cfg.perplexity_max_rows}
-        return {**spec.signature(), "limit": self.cfg.limit, "fewshot_seed": self.cfg.fewshot_seed}
 
     def check_tasks(self) -> None:
         """Find out up front which tasks can run at all; say clearly why the others cannot."""
-        from llm360.eval.perplexity import validation_sources
-
         problems: dict[str, str] = {}
         if any(s.kind == "perplexity" for s in self.specs):
-            self.store, self.sources, why = validation_sources(self.rd.data)
+            _, _, why = self.ctx.validation()
             if why:
                 problems["perplexity"] = why
-        if self.tasks is not None:
-            problems.update(self.tasks.check([s for s in self.specs if s.kind == "lm-eval"]))
+        lm_specs = [s for s in self.specs if s.kind == "lm-eval"]
+        if lm_specs:
+            problems.update(self.ctx.tasks.check(lm_specs))
         for spec in self.specs:
             if spec.key in problems:
                 origin = f" (preset {spec.preset})" if spec.preset else ""
@@ -371,137 +162,127 @@ class _Evaluator:
             self._announced.add(name)
             logger.log(level, "skipping %s: %s", name, reason)
 
-    def one_pass(self) -> set[str]:
-        """Evaluate what is pending on every complete checkpoint; returns the complete checkpoints seen."""
+    def plan(self) -> tuple[list[Pair], set[str]]:
+        """The pending pairs of this call's shard, in plan order, and the complete models seen.
+
+        The plan is every (model folder, runnable task) in order, complete or not, done or not, so
+        that a shard's share (position modulo N, as :func:`llm360.executor.shard_tasks`) does not
+        depend on what other shards have finished.
+        """
+        pairs: list[Pair] = []
         complete: set[str] = set()
+        position = 0
         for folder in _selected(list_models(self.rd.root), self.cfg.checkpoints):
+            mine = []
+            for spec in self.runnable:
+                if self.shard is None or position % self.shard.count == self.shard.index:
+                    mine.append(spec)
+                position += 1
+            if not mine:
+                continue
             name = folder.name
             if not has_marker(folder):
                 self._announce(name, f"still being written (no {MARKER} yet); it is evaluated once complete")
                 continue
             complete.add(name)
             marker_sha = marker_sha256(folder)
-            pending = [
-                s for s in self.runnable
+            if self._unverified.get(name) == marker_sha:
+                continue
+            pairs += [
+                Pair(name, str(folder), s, marker_sha) for s in mine
                 if (name, s.key, marker_sha) not in self._failed
-                and not self.results.done(name, s, marker_sha, self.signature(s))
+                and not self.results.done(name, s, marker_sha, signature(s, self.cfg))
             ]  # fmt: skip
-            if not pending or self._unverified.get(name) == marker_sha:
-                continue
-            try:
-                _verify(folder)
-            except CheckpointError as e:
-                self._unverified[name] = marker_sha  # not hashed again until its marker changes
-                self._announce(name, f"it does not verify: {e}", logging.WARNING)
-                continue
-            self.table.skipped.pop(name, None)
-            self._evaluate_checkpoint(folder, marker_sha, pending)
-        return complete
+        return pairs, complete
 
-    def _evaluate_checkpoint(self, folder: Path, marker_sha: str, pending: list[TaskSpec]) -> None:
-        from llm360.model.load import load_model, resolve_device
+    def record(self, pairs: Sequence[Pair], outcomes: Sequence[PairOutcome | TaskError]) -> None:
+        """Fold what became of each pair into the table."""
+        for pair, out in zip(pairs, outcomes, strict=True):
+            name, key = pair.checkpoint, pair.spec.key
+            if isinstance(out, TaskError):  # the task itself broke (a bug, a worker lost for good)
+                out = PairOutcome(name, key, "failed", f"{out.error_type}: {out.message}")
+                logger.error("%s / %s failed, nothing written for it: %s", name, key, out.message)
+            if out.status == "computed":
+                self.table.computed.append((name, key))
+                self.table.skipped.pop(name, None)
+            elif out.status == "failed":
+                self._failed.add((name, key, pair.marker_sha256))
+                self.table.failed.append(ItemError(name, key, out.message))
+            elif out.status == "unverified":
+                self._unverified[name] = pair.marker_sha256  # not hashed again until its marker changes
+                self._announce(name, f"it does not verify: {out.message}", logging.WARNING)
+            elif out.status == "taken":
+                self._announce(name, f"another process is evaluating {key} (its claim in "
+                               f"{self.rd.eval_claim(name, key).parent} is held)")  # fmt: skip
 
-        name = folder.name
-        self._marker_sha = marker_sha
-        device = resolve_device(self.cfg.device, where="eval.device")
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
-        logger.info("evaluating %s on %s: %s", name, device, ", ".join(s.key for s in pending))
-        try:
-            model = load_model(folder, dtype, device)
-        except Exception as e:
-            for spec in pending:
-                self._fail(name, spec, f"cannot load the checkpoint: {_message(e)}")
-            return
-        state = _trainer_state(folder)
-        lm = None
-        for spec in pending:
-            t0 = time.perf_counter()
-            try:
-                if spec.kind == "perplexity":
-                    payload = self._perplexity(model)
-                else:
-                    if lm is None:
-                        lm = self._lm(folder, model, device, dtype)
-                    payload = self._lm_eval(lm, spec, name)
-            except torch.OutOfMemoryError:
-                self._fail(name, spec, f"out of memory on {device}; lower eval.batch_size (now {self.cfg.batch_size})")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            except Exception as e:
-                logger.debug("%s/%s failed", name, spec.key, exc_info=True)
-                self._fail(name, spec, _message(e))
-                continue
-            seconds = time.perf_counter() - t0
-            payload.update({
-                "format": RESULT_FORMAT, "version": 1, "checkpoint": name, "task": spec.key,
-                "kind": spec.kind, "preset": spec.preset, "signature": self.signature(spec),
-                "checkpoint_marker_sha256": marker_sha, "step": state.get("step"),
-                "tokens_seen": state.get("tokens_seen"), "chunk": state.get("checkpoint_chunk"),
-                "seconds": round(seconds, 3), "device": str(device), "precision": self.cfg.precision,
-                "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "llm360_version": __version__,
-            })  # fmt: skip
-            path = self.results.write(name, spec.key, payload)
-            self.table.computed.append((name, spec.key))
-            primary = payload.get("primary_metric")
-            value = (payload.get("metrics") or {}).get(primary)
-            shown = f"{primary} = {value:.4g}" if isinstance(value, (int, float)) else "done"
-            logger.info("%s / %s: %s (%.1fs) -> %s", name, spec.key, shown, seconds, path.relative_to(self.rd.root))
-        del model, lm
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    def run_pairs(self, executor: Executor, pairs: list[Pair], gpus_per_task: float = 0.0) -> None:
+        """Run pairs as tasks of an executor; every pair finishes (or fails) whatever the others do."""
+        root = str(self.rd.root)
+        tasks = [Task(p.key, evaluate_pair, (root, self.cfg, p, self.call), num_gpus=gpus_per_task) for p in pairs]
+        outcomes = executor.run(tasks, progress_label="eval: (checkpoint, task) pairs", unit="pairs", keep_going=True)
+        self.record(pairs, outcomes)
 
-    def _fail(self, ckpt: str, spec: TaskSpec, message: str) -> None:
-        self._failed.add((ckpt, spec.key, self._marker_sha))
-        self.table.failed.append(ItemError(ckpt, spec.key, message))
-        logger.error("%s / %s failed, nothing written for it: %s", ckpt, spec.key, message)
-
-    def _lm(self, folder: Path, model: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        from llm360.eval.adapter import LLM360LM
-
-        tok_dir = folder
-        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            tok_dir = self.rd.tokenizer  # a folder without tokenizer files: the run's own tokenizer
-        lm = LLM360LM(model=model, tokenizer=tok_dir, batch_size=self.cfg.batch_size, device=str(device), dtype=dtype)
-        lm.pretrained = str(folder)
-        return lm
-
-    def _perplexity(self, model: Any) -> dict[str, Any]:
-        from llm360.eval.perplexity import heldout_perplexity
-
-        stats = heldout_perplexity(model, self.store, self.sources, max_rows=self.cfg.perplexity_max_rows,
-                                   batch_size=self.cfg.batch_size)  # fmt: skip
-        metrics = {"overall": stats["overall"]["perplexity"]}
-        metrics.update({src: s["perplexity"] for src, s in stats["sources"].items()})
-        return {"metrics": metrics, "primary_metric": "overall", "details": stats}
-
-    def _lm_eval(self, lm: Any, spec: TaskSpec, ckpt: str) -> dict[str, Any]:
-        from llm360.eval.harness import details_of, extract_metrics, lm_eval_version
-
-        assert self.tasks is not None
-        results = self.tasks.run(lm, spec)
-        metrics, stderr = extract_metrics(results, spec)
-        if not metrics:
-            raise RuntimeError(f"lm-eval returned no metrics for {spec.name!r}")
-        if self.cfg.log_samples and results.get("samples"):
-            self.results.write_samples(ckpt, spec.key, results["samples"])
-        primary = spec.primary_metric if spec.primary_metric in metrics else next(iter(metrics))
-        return {
-            "metrics": metrics, "stderr": stderr, "primary_metric": primary,
-            "details": details_of(results), "lm_eval_version": lm_eval_version(),
-        }  # fmt: skip
+    def run_inline(self, pairs: list[Pair]) -> None:
+        """Run pairs here, checkpoint by checkpoint, each taken with its checkpoint's claim (watch mode):
+        a checkpoint another watcher holds is left to it."""
+        by_ckpt: dict[str, list[Pair]] = {}
+        for p in pairs:
+            by_ckpt.setdefault(p.checkpoint, []).append(p)
+        for name, group in by_ckpt.items():
+            with claimed(self.rd.eval_claim(name), f"evaluating {name}") as mine:
+                if not mine:
+                    logger.debug("%s is being evaluated by another watcher", name)
+                    continue
+                self.record(group, [evaluate_pair(str(self.rd.root), self.cfg, p, self.call) for p in group])
+            self.ctx.release()
 
     def write_summary(self) -> None:
         self.results.summary([s.key for s in self.specs], self.table)
 
 
-def _message(e: BaseException) -> str:
-    if isinstance(e, Llm360Error):
-        return str(e)
-    from llm360.eval.harness import describe_error
+def _watch(ev: _Evaluator) -> None:
+    """Evaluate checkpoints as training writes them, until it is finished, the idle timeout, or Ctrl-C."""
+    cfg = ev.cfg
+    seen: set[str] = set()
+    last_new = time.monotonic()
+    while True:
+        finished_before = training_finished(ev.rd.root)
+        pairs, complete = ev.plan() if ev.runnable else ([], set())
+        ev.run_inline(pairs)
+        ev.write_summary()
+        if complete - seen:
+            seen |= complete
+            last_new = time.monotonic()
+        if finished_before:
+            logger.info("training is finished and every checkpoint is evaluated")
+            return
+        idle = cfg.watch_idle_timeout_s
+        if idle is not None and time.monotonic() - last_new >= idle:
+            logger.info("no new checkpoint for %.0fs (eval.watch_idle_timeout_s); stopping", idle)
+            return
+        logger.debug("waiting %.0fs for new checkpoints", cfg.watch_interval_s)
+        time.sleep(cfg.watch_interval_s)
 
-    return describe_error(e)
+
+def watch_worker(run_dir: str, specs: list[TaskSpec], cfg: EvalConfig, shard: Shard | None = None,
+                 call: str | None = None) -> EvalTable:  # fmt: skip
+    """One of several watchers (an executor task): :func:`_watch` with the tasks the caller found runnable."""
+    from llm360.eval.harness import hub_access
+
+    ev = _Evaluator(Path(run_dir), specs, cfg, shard, call)
+    ev.runnable = list(specs)
+    with hub_access(cfg.allow_downloads):
+        try:
+            _watch(ev)
+        finally:
+            ev.ctx.release()
+    return ev.table
+
+
+def _merge(into: EvalTable, part: EvalTable) -> None:
+    into.computed += part.computed
+    into.failed += part.failed
+    into.skipped.update(part.skipped)
 
 
 def evaluate(
@@ -509,59 +290,83 @@ def evaluate(
     tasks: list[str] | None = None,
     cfg: EvalConfig | None = None,
     watch: bool = False,
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    gpus_per_task: float = 0.0,
+    ray_address: str | None = None,
+    shard: str | Shard | None = None,
 ) -> EvalTable:
     """Evaluate every complete checkpoint of run_dir on every task that has no result yet.
 
     ``tasks`` overrides ``cfg.tasks`` (names as in :mod:`llm360.eval.specs`). Results go to
     ``run_dir/eval/<checkpoint>/<task>.json``; the summary to ``eval/summary.json`` and ``.csv``.
+    ``executor`` (``local`` or ``ray``), ``workers``, ``ray_address``: who runs the pairs (see
+    :func:`llm360.executor.make_executor`); ``gpus_per_task``: GPUs Ray gives each pair;
+    ``shard`` (``"I/N"``): only every N-th pair of the plan, starting at I.
     With ``watch``, keeps evaluating new checkpoints as training writes them, until training is
-    finished, ``cfg.watch_idle_timeout_s`` passes without a new checkpoint, or Ctrl-C. Returns the
-    summary table and what this call computed, skipped or failed. Raises ConfigError for task names
-    that are malformed; tasks that cannot run (missing data, unknown name) are reported in the table.
+    finished, ``cfg.watch_idle_timeout_s`` passes without a new checkpoint, or Ctrl-C; with several
+    workers (or Ray), each worker watches and a checkpoint is taken by one of them. Returns the
+    summary table and what this call computed, skipped or failed. Raises ConfigError for task
+    names that are malformed or a bad shard; tasks that cannot run (missing data, unknown name)
+    are reported in the table; ExecutorError when the executor cannot run here.
     """
     from llm360.eval.harness import hub_access
+    from llm360.model.load import resolve_device
 
     cfg = cfg or EvalConfig()
     specs = resolve_tasks(list(tasks) if tasks else cfg.tasks)
+    part = parse_shard(shard) if isinstance(shard, str) else shard
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise Llm360Error(f"run directory {run_dir} does not exist")
-    from llm360.model.load import resolve_device
-
     resolve_device(cfg.device, where="eval.device")  # a device that cannot work fails before any task runs
-    ev = _Evaluator(run_dir, specs, cfg)
+    ev = _Evaluator(run_dir, specs, cfg, part)
     with hub_access(cfg.allow_downloads):
         try:
             ev.check_tasks()
             if not ev.runnable:
                 logger.warning("none of the tasks can run here; nothing to evaluate")
             if not list_checkpoints(run_dir) and not watch:
-                logger.warning("no checkpoints in %s yet; train first (or use --watch)", RunDir(run_dir).checkpoints)
-            seen: set[str] = set()
-            last_new = time.monotonic()
-            while True:
-                finished_before = watch and training_finished(run_dir)
-                complete = ev.one_pass() if ev.runnable else set()
+                logger.warning("no checkpoints in %s yet; train first (or use --watch)", ev.rd.checkpoints)
+            if watch and (workers > 1 or executor != "local"):
+                _watch_with_workers(ev, executor, workers, gpus_per_task, ray_address)
+            elif watch:
+                _watch(ev)
+            else:
+                pairs, _ = ev.plan() if ev.runnable else ([], set())
+                if pairs:
+                    with make_executor(executor, workers, ray_address) as ex:
+                        ex.check_visible(ev.rd.root)
+                        ev.run_pairs(ex, pairs, gpus_per_task)
                 ev.write_summary()
-                if not watch:
-                    break
-                if complete - seen:
-                    seen |= complete
-                    last_new = time.monotonic()
-                if finished_before:
-                    logger.info("training is finished and every checkpoint is evaluated")
-                    break
-                idle = cfg.watch_idle_timeout_s
-                if idle is not None and time.monotonic() - last_new >= idle:
-                    logger.info("no new checkpoint for %.0fs (eval.watch_idle_timeout_s); stopping", idle)
-                    break
-                logger.debug("waiting %.0fs for new checkpoints", cfg.watch_interval_s)
-                time.sleep(cfg.watch_interval_s)
         except KeyboardInterrupt:
             ev.table.interrupted = True
             logger.warning("interrupted: every result written so far is kept in %s", ev.results.root)
             ev.write_summary()
+        finally:
+            ev.ctx.release()
     n = len(ev.table.computed)
     logger.info("evaluated %d (checkpoint, task) pair%s; summary in %s", n, "" if n == 1 else "s",
-                ev.results.root / SUMMARY_JSON)  # fmt: skip
+                ev.rd.eval_summary)  # fmt: skip
     return ev.table
+
+
+def _watch_with_workers(ev: _Evaluator, executor: str, workers: int, gpus_per_task: float,
+                        ray_address: str | None) -> None:  # fmt: skip
+    """``workers`` watchers as tasks of the executor; their tables merged into ev's."""
+    n = max(1, workers)
+    with make_executor(executor, n, ray_address) as ex:
+        ex.check_visible(ev.rd.root)
+        tasks = [Task(f"eval-watch:{i}", watch_worker, (str(ev.rd.root), ev.runnable, ev.cfg, ev.shard, ev.call),
+                      num_gpus=gpus_per_task) for i in range(n)]  # fmt: skip
+        outs: list[Any] = ex.run(tasks, progress_label="eval --watch: watchers", unit="watchers", keep_going=True)
+    for out in outs:
+        if isinstance(out, TaskError):
+            logger.error("a watcher failed: %s", out)
+            ev.table.failed.append(ItemError("(watcher)", out.key, f"{out.error_type}: {out.message}"))
+        else:
+            _merge(ev.table, out)
+    for name in [c for c, _ in ev.table.computed]:
+        ev.table.skipped.pop(name, None)
+    ev.write_summary()

@@ -68,7 +68,7 @@ DEMO: tuple[TaskSpec, ...] = (
     TaskSpec("llm360_demo_next_line_mc", "lm-eval", "llm360_demo_next_line_mc", 0, "acc_norm", "demo"),
     TaskSpec("llm360_demo_complete_line", "lm-eval", "llm360_demo_complete_line", 0, "exact_match", "demo"),
 )
-"""Local tasks for the embedded corpus (see :mod:`llm360.eval.demo`), 40 examples each."""
+"""Local tasks for the embedded corpus (see :mod:`llm360.eval.demo`): 40, 100 and 40 examples."""
 
 CODE: tuple[TaskSpec, ...] = (
     TaskSpec("humaneval_0shot", "lm-eval", "humaneval", 0, None, "code", ("openai/openai_humaneval", None)),

@@ -8,8 +8,9 @@ Front door: :func:`finetune` (``llm360 finetune sft|dpo``), or :func:`sft` / :fu
 
 Modules: :mod:`~llm360.finetune.records` (reading and checking JSONL/Parquet data),
 :mod:`~llm360.finetune.chat` (the plain-text chat template), :mod:`~llm360.finetune.builtin`
-(instruction and preference sets built from the embedded corpus), :mod:`~llm360.finetune.run`
-(training with TRL and the output folder with its lineage). The ``finetune`` config section is
+(instruction and preference sets built from the embedded corpus), :mod:`~llm360.finetune.trainer`
+(TRL's trainers built from the config, offline and quiet), :mod:`~llm360.finetune.run` (the run: inputs,
+training, the output folder with its lineage). The ``finetune`` config section is
 :mod:`llm360.config.finetune`, its presets are in :mod:`llm360.config.presets`.
 """
 

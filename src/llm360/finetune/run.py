@@ -19,21 +19,18 @@ While training, TRL's scratch files and the metrics live in ``finetune/.<name>.w
 removed at the end.
 
 Everything runs offline (no hub calls, no telemetry, no W&B) and on CPU in fp32; bf16 autocast is
-used only on a GPU that supports it, with fp32 weights saved either way.
+used only on a GPU that supports it, with fp32 weights saved either way. This module resolves the
+inputs, runs the training and writes the folder with its lineage; the TRL trainers themselves are
+built in :mod:`llm360.finetune.trainer`. The folder's file names are :mod:`llm360.rundir.layout`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import logging
-import math
-import os
 import platform
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,32 +40,36 @@ from llm360.config import FinetuneKind as Kind
 from llm360.errors import CheckpointError, ConfigError, DataError, Llm360Error, RunDirError
 from llm360.finetune import builtin
 from llm360.finetune.records import Records, load_records
+from llm360.finetune.trainer import (
+    MetricsCallback,
+    library_warnings_quiet,
+    load_hf_model,
+    make_trainer,
+    offline_env,
+    training_args,
+    use_bf16,
+)
 from llm360.rundir.atomic import staged
-from llm360.rundir.layout import MARKER, RunDir, has_marker, list_checkpoints
+from llm360.rundir.layout import (
+    FINETUNE_BUILTIN_DATA,
+    FINETUNE_CONFIG,
+    FINETUNE_METRICS,
+    HF_CONFIG,
+    LINEAGE,
+    MARKER,
+    MODEL_META,
+    TRAINER_STATE,
+    RunDir,
+    has_marker,
+    list_checkpoints,
+)
 from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
-FINETUNE_DIR = "finetune"
-LINEAGE_FILE = "lineage.json"
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "finetune.yaml"
-BUILTIN_DATA_FILE = "train_data.jsonl"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_COPIED_FROM_BASE = ("llm360_model.json",)  # how llm360 reads the weights back (e.g. muP folded)
+_COPIED_FROM_BASE = (MODEL_META,)  # how llm360 reads the weights back (e.g. muP folded)
 _VERSIONED = ("llm360", "torch", "transformers", "trl", "datasets", "accelerate", "tokenizers", "safetensors")
-
-_OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-    "WANDB_DISABLED": "true",
-}
 
 
 @dataclass
@@ -90,11 +91,6 @@ class FinetuneResult:
 # ------------------------------------------------------------------------------------- inputs
 
 
-def finetune_dir(run_dir: str | Path) -> Path:
-    """``<run>/finetune``: where fine-tuned models go."""
-    return Path(run_dir) / FINETUNE_DIR
-
-
 def resolve_base(run_dir: str | Path, base: str | Path) -> Path:
     """The checkpoint folder `base` names: a path, `ckpt_012`, `12`, `latest`, or a fine-tuned model's name.
 
@@ -112,7 +108,7 @@ def resolve_base(run_dir: str | Path, base: str | Path) -> Path:
             raise CheckpointError(f"--from latest: no complete checkpoint in {rd.checkpoints}")
         return found
     as_path = Path(text)
-    named = [rd.checkpoints / text, finetune_dir(run) / text, run / text]
+    named = [rd.checkpoints / text, rd.finetune_model(text), run / text]
     if text.isdigit():
         named.insert(0, rd.ckpt_dir(int(text)))
     # A bare name means this run's checkpoint; something with a folder in it is a path first.
@@ -122,12 +118,12 @@ def resolve_base(run_dir: str | Path, base: str | Path) -> Path:
         if c.is_dir():
             return c
     have = [p.name for _, p in list_checkpoints(rd.checkpoints)]
-    tuned = sorted(p.name for p in finetune_dir(run).iterdir() if p.is_dir() and not p.name.startswith(".")) if finetune_dir(run).is_dir() else []  # fmt: skip
+    tuned = sorted(p.name for p in rd.finetune_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if rd.finetune_dir.is_dir() else []  # fmt: skip
     listing = ", ".join(have[:3] + (["..."] if len(have) > 4 else []) + have[3:][-1:]) if have else "none"
     extra = f"; fine-tuned models: {', '.join(tuned)}" if tuned else ""
     raise CheckpointError(
         f"checkpoint {text!r} not found (looked for it as a path and in {rd.checkpoints} and "
-        f"{finetune_dir(run)}); checkpoints there: {listing}{extra}"
+        f"{rd.finetune_dir}); checkpoints there: {listing}{extra}"
     )
 
 
@@ -141,7 +137,7 @@ def verify_base(folder: Path) -> str:
     from llm360.rundir.checkpoint import marker_sha256, verify_checkpoint
 
     verify_checkpoint(folder)  # every file's sha256 against the marker
-    if not (folder / "config.json").is_file():
+    if not (folder / HF_CONFIG).is_file():
         raise CheckpointError(
             f"checkpoint {folder} has no config.json, so it is not a Hugging Face model folder; "
             "checkpoints written by `llm360 train` have one"
@@ -162,7 +158,7 @@ def _data_file(data: str | Path, kind: str, work: Path) -> tuple[Path, str | Non
     if builtin.NAMES[name] != kind:
         right = next(builtin.PREFIX + n for n, k in builtin.NAMES.items() if k == kind)
         raise DataError(f"{text} is a {builtin.NAMES[name]} data set; for {kind} use {right}")
-    path = work / BUILTIN_DATA_FILE
+    path = work / FINETUNE_BUILTIN_DATA
     path.write_bytes(builtin.to_jsonl(builtin.build(name)))
     return path, name
 
@@ -202,23 +198,8 @@ def finetune(
         raise ConfigError(
             f"{kind} needs a finetune.{kind} config ({expected.__name__}), got {type(cfg).__name__}"
         )
-    with _offline_env():
+    with offline_env():
         return _finetune(kind, run_dir, base, data, cfg, force=force, device=device)
-
-
-@contextlib.contextmanager
-def _offline_env() -> Iterator[None]:
-    """No hub calls, no telemetry, no W&B while fine-tuning; the environment is restored afterwards."""
-    saved = {k: os.environ.get(k) for k in _OFFLINE_ENV}
-    os.environ.update(_OFFLINE_ENV)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _finetune(
@@ -238,10 +219,10 @@ def _finetune(
     marker_sha = verify_base(base_dir)
     name = check_output_name(cfg.name or f"{kind}-{base_dir.name}")
     cfg = cfg.model_copy(update={"name": name})  # the lineage records the resolved config
-    out_dir = finetune_dir(run) / name
+    out_dir = RunDir(run).finetune_model(name)
     from llm360.rundir.checkpoint import clean_leftovers
 
-    clean_leftovers(finetune_dir(run))  # what killed runs left: work folders, unfinished saves
+    clean_leftovers(RunDir(run).finetune_dir)  # what killed runs left: work folders, unfinished saves
     if out_dir.exists() and not force:
         raise RunDirError(
             f"{out_dir} already exists; pass --force to replace it, or choose another name with "
@@ -275,7 +256,7 @@ def _load_tokenizer(base_dir: Path, run: Path) -> tuple[Any, Path]:
     from transformers import AutoTokenizer
 
     for folder in (base_dir, RunDir(run).tokenizer):
-        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        if any((folder / f).is_file() for f in _TOKENIZER_FILES):
             try:
                 tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             except (OSError, ValueError, TypeError) as e:
@@ -284,38 +265,6 @@ def _load_tokenizer(base_dir: Path, run: Path) -> tuple[Any, Path]:
     raise DataError(
         f"no tokenizer found: neither {base_dir} nor {RunDir(run).tokenizer} has tokenizer.json / tokenizer_config.json"
     )
-
-
-def _load_model(folder: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load {folder} with transformers' AutoModelForCausalLM: {e}") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    return model  # the Trainer moves it (and the DPO reference) to the training device
-
-
-def _use_bf16(precision: str, device: str) -> bool:
-    import torch
-
-    if precision == "fp32" or device == "cpu":
-        if precision == "bf16" and device == "cpu":
-            logger.warning("precision=bf16 asked for on CPU; training in fp32 there")
-        return False
-    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not supported:
-        raise ConfigError("precision=bf16, but this GPU does not support bf16; use precision=fp32 or auto")
-    return supported
 
 
 # ---------------------------------------------------------------------------------- training
@@ -343,7 +292,7 @@ def _run(
     if resolved.type not in ("cpu", "cuda") or resolved.index is not None:  # the Trainer places the models
         raise ConfigError(f"device {device_arg!r}: use cpu or cuda (choose the GPU with CUDA_VISIBLE_DEVICES)")
     device = resolved.type
-    bf16 = _use_bf16(cfg.precision, device)
+    bf16 = use_bf16(cfg.precision, device)
     data_path, builtin_name = _data_file(data, kind, work)
     records = load_records(data_path, kind, format=cfg.format, max_records=cfg.max_records)
     for note in records.notes:
@@ -362,7 +311,7 @@ def _run(
     else:
         template = {"source": "none (plain-text records)", "sha256": ""}
 
-    model = _load_model(base_dir)
+    model = load_hf_model(base_dir)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     max_length = cfg.max_length or context or 1024
     if context and max_length > context:
@@ -375,13 +324,13 @@ def _run(
         "%s: %s from %s on %d records of %s (%s), %s, %s",
         kind.upper(), name, base_dir, len(records.rows), data, records.shape, device, "bf16 autocast" if bf16 else "fp32",
     )  # fmt: skip
-    metrics_path = work / METRICS_FILE
-    callback = _MetricsCallback(metrics_path, kind)
-    args_common = _training_args(cfg, work, device, bf16, max_length)
-    with _library_warnings_quiet():
-        trainer = _make_trainer(kind, cfg, model, tokenizer, records, args_common, callback, base_dir)
+    metrics_path = work / FINETUNE_METRICS
+    callback = MetricsCallback(metrics_path, kind)
+    args_common = training_args(cfg, work, device, bf16, max_length)
+    with library_warnings_quiet():
+        trainer = make_trainer(kind, cfg, model, tokenizer, records, args_common, callback, base_dir)
     try:
-        with _library_warnings_quiet():
+        with library_warnings_quiet():
             result = trainer.train()
     except (ValueError, RuntimeError) as e:
         if "out of memory" in str(e).lower():
@@ -414,14 +363,14 @@ def _run(
     for fname in _COPIED_FROM_BASE:
         if (base_dir / fname).is_file() and fname not in extra:
             extra[fname] = (base_dir / fname).read_bytes()
-    extra[METRICS_FILE] = metrics_path.read_bytes() if metrics_path.is_file() else b""
+    extra[FINETUNE_METRICS] = metrics_path.read_bytes() if metrics_path.is_file() else b""
     from llm360.config import to_yaml
 
-    extra[CONFIG_FILE] = to_yaml(cfg)
+    extra[FINETUNE_CONFIG] = to_yaml(cfg)
     if builtin_name is not None:
-        extra[BUILTIN_DATA_FILE] = data_path.read_bytes()
+        extra[FINETUNE_BUILTIN_DATA] = data_path.read_bytes()
 
-    metrics = [json.loads(line) for line in extra[METRICS_FILE].decode().splitlines() if line.strip()]
+    metrics = [json.loads(line) for line in extra[FINETUNE_METRICS].decode().splitlines() if line.strip()]
     summary = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     lineage = _lineage(
         kind=kind, name=name, run=run, base_dir=base_dir, marker_sha=marker_sha, data=data, records=records,
@@ -429,7 +378,7 @@ def _run(
         steps=steps, epochs=float(trainer.state.epoch or 0.0), summary=summary, last=metrics[-1] if metrics else {},
         seconds=time.time() - t_start,
     )  # fmt: skip
-    extra[LINEAGE_FILE] = json.dumps(lineage, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    extra[LINEAGE] = json.dumps(lineage, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     from llm360.rundir.checkpoint import save_checkpoint
 
@@ -443,216 +392,6 @@ def _run(
     save_checkpoint(out_dir, model_state=state, trainer_state=trainer_state, extra_files=extra)
     logger.info("wrote %s (%d steps, %.0f s)", out_dir, steps, time.time() - t_start)
     return FinetuneResult(out_dir, kind, steps, metrics, lineage)
-
-
-@contextlib.contextmanager
-def _library_warnings_quiet() -> Iterator[None]:
-    """Silence the deprecation notices transformers and TRL give about their own internals."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", category=FutureWarning, module=r"(transformers|trl|accelerate)(\.|$)"
-        )
-        warnings.filterwarnings(
-            "ignore", category=DeprecationWarning, module=r"(transformers|trl|accelerate)(\.|$)"
-        )
-        yield
-
-
-def _training_args(
-    cfg: SftConfig | DpoConfig, work: Path, device: str, bf16: bool, max_length: int
-) -> dict[str, Any]:
-    """TrainingArguments shared by SFT and DPO, from our config (offline, no TRL checkpoints, fp32 on CPU)."""
-    return {
-        "output_dir": str(work / "trainer"),
-        "num_train_epochs": cfg.epochs,
-        "max_steps": cfg.max_steps if cfg.max_steps is not None else -1,
-        "learning_rate": cfg.lr,
-        "lr_scheduler_type": cfg.lr_scheduler,
-        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        "per_device_train_batch_size": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation,
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.grad_clip if cfg.grad_clip is not None else 0.0,
-        "seed": cfg.seed,
-        "data_seed": cfg.seed,
-        "bf16": bf16,
-        "fp16": False,
-        "use_cpu": device == "cpu",
-        _checkpointing_arg(): cfg.gradient_checkpointing,
-        "logging_strategy": "steps",
-        "logging_steps": cfg.log_every,
-        "logging_first_step": True,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "push_to_hub": False,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": device != "cpu",
-        "max_length": max_length,
-    }
-
-
-def _checkpointing_arg() -> str:
-    """transformers >= 5.x calls it activation_checkpointing (gradient_checkpointing is a deprecated alias)."""
-    from transformers import TrainingArguments
-
-    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
-    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-
-
-def _make_trainer(
-    kind: str,
-    cfg: SftConfig | DpoConfig,
-    model: Any,
-    tokenizer: Any,
-    records: Records,
-    args: dict[str, Any],
-    callback: Any,
-    base_dir: Path,
-) -> Any:
-    import datasets
-
-    progress_was_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        dataset = datasets.Dataset.from_list(records.rows)
-        if kind == "sft":
-            from trl import SFTConfig, SFTTrainer
-
-            assert isinstance(cfg, SftConfig)
-            assistant = cfg.loss_on == "assistant"
-            sft_args = SFTConfig(
-                **args,
-                assistant_only_loss=assistant and records.shape == "messages",
-                completion_only_loss=assistant if records.shape == "prompt_completion" else None,
-                packing=False,
-            )
-            try:
-                trainer = SFTTrainer(
-                    model=model,
-                    args=sft_args,
-                    train_dataset=dataset,
-                    processing_class=tokenizer,
-                    callbacks=[callback.callback],
-                )
-                return _quiet(trainer)
-            except (ValueError, RuntimeError) as e:
-                if "generation" in str(e) or "assistant" in str(e):
-                    raise DataError(
-                        f"loss_on=assistant needs a chat template that marks assistant turns with "
-                        f"{{% generation %}}: {e}. Use finetune.sft.chat_template=llm360 or finetune.sft.loss_on=all"
-                    ) from None
-                raise
-        from trl import DPOConfig as TrlDPOConfig
-        from trl import DPOTrainer
-
-        assert isinstance(cfg, DpoConfig)
-        dpo_args = TrlDPOConfig(
-            **args, beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing
-        )
-        reference = _load_model(base_dir)  # loaded here, offline, rather than by TRL from the hub id
-        reference.eval()
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=reference,
-            args=dpo_args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[callback.callback],
-        )
-        kept = len(trainer.train_dataset)
-        if kept == 0:
-            raise DataError(
-                f"every DPO record's prompt is at least max_length={args['max_length']} tokens long, so no answer "
-                f"token is left to compare; raise finetune.dpo.max_length or shorten the prompts"
-            )
-        if kept < len(records.rows):
-            logger.warning(
-                "%d of %d DPO records dropped: their prompt alone fills max_length=%d tokens",
-                len(records.rows) - kept, len(records.rows), args["max_length"],
-            )  # fmt: skip
-        return _quiet(trainer)
-    finally:
-        if progress_was_on:
-            datasets.enable_progress_bars()
-
-
-def _quiet(trainer: Any) -> Any:
-    """Drop transformers' stdout printer: our callback logs and writes the metrics."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    return trainer
-
-
-class _MetricsCallback:
-    """Writes one JSON line per logged optimizer step, in the project's metrics format, and logs a summary."""
-
-    def __init__(self, path: Path, kind: str) -> None:
-        from transformers import TrainerCallback
-
-        # Subclassing at run time keeps transformers out of this module's import.
-        outer = self
-
-        class _CB(TrainerCallback):
-            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                outer._begin(state)
-
-            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                outer._task.advance(1)
-
-            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-                outer._log(state, logs or {})
-
-        self.callback = _CB()
-        self.path = path
-        self.kind = kind
-        self._writer: Any = None
-        self._t0 = time.perf_counter()
-        self._progress: Any = None
-        self._task: Any = None
-
-    def _begin(self, state: Any) -> None:
-        from llm360.log import progress
-        from llm360.train.metrics import JsonlWriter
-
-        self._writer = JsonlWriter(self.path)
-        self._t0 = time.perf_counter()
-        self._progress = progress(f"{self.kind} fine-tuning", total=state.max_steps, unit="steps")
-        self._task = self._progress.__enter__()
-
-    def _log(self, state: Any, logs: dict[str, Any]) -> None:
-        if "loss" not in logs or self._writer is None:
-            return  # the end-of-training summary goes into lineage.json
-        row: dict[str, Any] = {"step": int(state.global_step) - 1}  # 0-based, as metrics/train.jsonl
-        for k, v in logs.items():
-            key = {"learning_rate": "lr", "num_tokens": "tokens_seen"}.get(k, k)
-            row[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-        row["epoch"] = float(state.epoch or 0.0)
-        row["elapsed_s"] = round(time.perf_counter() - self._t0, 3)
-        self._writer.write(row)
-        loss = row.get("loss")
-        extra = ""
-        if "rewards/accuracies" in row:
-            extra = f" reward acc {row['rewards/accuracies']:.3f} margin {row.get('rewards/margins', float('nan')):.4f}"
-        logger.info(
-            "%s step %d/%d loss %s grad %s lr %.3g%s",
-            self.kind, row["step"], state.max_steps, _fmt(loss), _fmt(row.get("grad_norm")), row.get("lr", 0.0), extra,
-        )  # fmt: skip
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._progress is not None:
-            self._progress.__exit__(None, None, None)
-            self._progress = None
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
 
 
 # ----------------------------------------------------------------------------------- lineage
@@ -701,16 +440,16 @@ def _lineage(
         "absolute_path": str(base_dir.resolve()),
         "complete_json_sha256": marker_sha,
     }
-    state_file = base_dir / "trainer_state.json"
+    state_file = base_dir / TRAINER_STATE
     if state_file.is_file():
         try:
             base["step"] = json.loads(state_file.read_text(encoding="utf-8")).get("step")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             pass
-    if (base_dir / LINEAGE_FILE).is_file():  # fine-tuned from a fine-tuned model: keep the chain
-        base["lineage_sha256"] = sha256_file(base_dir / LINEAGE_FILE)
+    if (base_dir / LINEAGE).is_file():  # fine-tuned from a fine-tuned model: keep the chain
+        base["lineage_sha256"] = sha256_file(base_dir / LINEAGE)
         try:
-            base["lineage"] = json.loads((base_dir / LINEAGE_FILE).read_text(encoding="utf-8"))
+            base["lineage"] = json.loads((base_dir / LINEAGE).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass
     return {
@@ -722,7 +461,7 @@ def _lineage(
         "base_checkpoint": base,
         "data": {
             "source": str(data),
-            "path": BUILTIN_DATA_FILE if builtin_name else str(records.path.resolve()),
+            "path": FINETUNE_BUILTIN_DATA if builtin_name else str(records.path.resolve()),
             "sha256": records.sha256,
             "builtin": builtin_name,
             "shape": records.shape,

@@ -37,14 +37,12 @@ from torch import nn
 from llm360.config import MODEL_PRESETS, ModelConfig
 from llm360.errors import CheckpointError, ConfigError
 from llm360.rundir.atomic import atomic_path, atomic_write_bytes
+from llm360.rundir.layout import HF_CONFIG, MODEL_FILE, MODEL_INDEX, MODEL_META
 
 log = logging.getLogger(__name__)
 
 Architecture = Literal["auto", "llama", "stablelm"]
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-LLM360_FILE = "llm360_model.json"
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, LLM360_FILE = HF_CONFIG, MODEL_FILE, MODEL_INDEX, MODEL_META
 """Our exact ModelConfig (and whether muP was folded), written beside config.json."""
 _HF_CLASS = {"llama": "LlamaForCausalLM", "stablelm": "StableLmForCausalLM"}
 

@@ -15,8 +15,16 @@ Layout of a release (every file is listed with its sha256 in ``SHA256SUMS``)::
     SHA256SUMS
 
 Files are hard-linked from the run directory where the file system allows (checkpoints are never
-modified in place, so a link is as good as a copy and costs no space), else copied. Nothing in a
-release is a pickle: files are checked by content before they are included.
+modified in place, so a link is as good as a copy and costs no space), else copied; a symlink in
+the run is followed and its target's bytes are linked or copied, so a release never holds a
+symlink. Nothing in a release is a pickle: files are checked by content before they are included.
+
+Each file is hashed at most once. ``SHA256SUMS`` takes a checkpoint file's sha256 from its
+folder's marker (``COMPLETE.json``) once the release's own copy of the folder has been checked
+against it (so the hashes are those of the bytes shipped, and a damaged checkpoint is never
+released), a data file's from ``data/manifest.json`` (which ``prepare`` computed from the bytes
+it wrote; a file whose size differs from the manifest's is hashed instead), and hashes what
+neither covers (metrics, results, the card) on a bounded pool of threads.
 """
 
 from __future__ import annotations
@@ -31,23 +39,20 @@ from importlib import metadata
 from pathlib import Path
 
 from llm360 import __version__
-from llm360.errors import Llm360Error, RunDirError
+from llm360.errors import RunDirError
 from llm360.log import progress
+from llm360.release.sums import SUMS, ReleaseError, format_sums, hash_files, read_sums, walk
 from llm360.rundir import atomic
-from llm360.rundir.layout import DCP_DIR, STEPS_DIR, RunDir, list_checkpoints
-from llm360.utils import sha256_file
+from llm360.rundir.layout import CONFIG, DCP_DIR, MARKER, RUN_CONTENT, STEPS_DIR, RunDir, list_checkpoints
+
+__all__ = ["SUMS", "ReleaseError", "code_provenance", "is_pickle", "read_sums", "release", "write_sums"]
 
 logger = logging.getLogger(__name__)
 
-SUMS = "SHA256SUMS"
 # What goes into a release, relative to the run directory.
-_INCLUDE_DIRS = ("data", "checkpoints", "metrics", "eval", "analysis", "finetune", "report")
+_INCLUDE_DIRS = tuple(name for name in RUN_CONTENT if name != CONFIG)
 _EXCLUDE_PARTS = {STEPS_DIR, DCP_DIR, "wandb", "__pycache__"}  # dcp: sharded resume copies (pickled metadata)
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".distcp")
-
-
-class ReleaseError(Llm360Error):
-    """The run cannot be released as it is."""
 
 
 def is_pickle(path: Path) -> bool:
@@ -63,7 +68,24 @@ def _included(rel: Path) -> bool:
     parts = rel.parts
     if any(p in _EXCLUDE_PARTS for p in parts) or any(p.startswith(".") for p in parts):
         return False
-    return parts[0] in _INCLUDE_DIRS or rel.as_posix() == "config.yaml"
+    return parts[0] in _INCLUDE_DIRS or rel.as_posix() == CONFIG
+
+
+def _run_files(run: Path) -> list[Path]:
+    """The files of run that go into its release, sorted. Symlinks (to files or folders) are followed,
+    since the release holds their targets' bytes; a folder reached twice (a symlink loop) is entered once."""
+    out: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, names in os.walk(run, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        base = Path(top)
+        dirs[:] = [d for d in dirs if _included((base / d).relative_to(run))]
+        out += [base / n for n in names if (base / n).is_file() and _included((base / n).relative_to(run))]
+    return sorted(out)
 
 
 def code_provenance() -> dict:
@@ -91,47 +113,95 @@ def code_provenance() -> dict:
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
+    """A hard link to src (its target, when src is a symlink), else a copy of its bytes; never a symlink."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if link:
         try:
-            os.link(src, dst)
+            os.link(os.path.realpath(src), dst)  # the target: Linux's link(2) would link the symlink itself
             return
         except OSError:
             pass
-    shutil.copy2(src, dst)
+    shutil.copy2(src, dst, follow_symlinks=True)
 
 
-def write_sums(root: Path) -> dict[str, str]:
-    """Write SHA256SUMS (sha256sum format, sorted) for every file under root; returns the mapping."""
+def write_sums(root: Path, known: dict[str, str] | None = None, threads: int | None = None) -> dict[str, str]:
+    """Write SHA256SUMS (sha256sum format, sorted) for every file under root; returns the mapping.
+
+    ``known``: ``{path: sha256}`` already established for some of these files (not hashed again);
+    the others are hashed on ``threads`` threads. Raises ReleaseError when root holds a symlink
+    or a file that cannot be read.
+    """
+    listing = walk(root)
+    if listing.links or listing.other:
+        odd = sorted([*listing.links, *listing.other])
+        raise ReleaseError(f"{root} holds entries that are not regular files ({', '.join(odd[:5])}); a release "
+                           "holds regular files only")
+    known = dict(known or {})
+    files = sorted(listing.files - {SUMS})
+    todo = [(rel, root / rel) for rel in files if rel not in known]
+    with progress("hashing release", total=len(todo), unit="files") as bar:
+        digests = hash_files(todo, threads, done=lambda _: bar.advance(1))
     sums: dict[str, str] = {}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != SUMS)
-    with progress("hashing release", total=len(files), unit="files") as bar:
-        for p in files:
-            sums[p.relative_to(root).as_posix()] = sha256_file(p)
-            bar.advance(1)
-    text = "".join(f"{h}  {rel}\n" for rel, h in sums.items())
-    (root / SUMS).write_text(text, encoding="utf-8")
+    for rel in files:
+        got = known.get(rel) or digests[rel]
+        if isinstance(got, OSError):
+            raise ReleaseError(f"cannot read {root / rel}: {got.strerror or got}")
+        sums[rel] = got
+    atomic.atomic_write_text(root / SUMS, format_sums(sums))
     return sums
 
 
-def read_sums(root: Path) -> dict[str, str]:
-    path = root / SUMS
+def _manifest_sums(run: Path, tmp: Path) -> dict[str, str]:
+    """``{release path: sha256}`` of the data files the manifest lists, where the copy has the listed size."""
+    rd = RunDir(run)
+    try:
+        files = json.loads(rd.manifest.read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    data = rd.data.relative_to(run).as_posix()
     out: dict[str, str] = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for rel, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
             continue
-        h, sep, rel = line.partition("  ")
-        if not sep or len(h) != 64:
-            raise ReleaseError(f"{path}:{i}: not a sha256sum line: {line[:80]!r}")
-        out[rel] = h
+        path = f"{data}/{rel}"
+        try:
+            size = os.lstat(tmp / path).st_size
+        except (OSError, ValueError):
+            continue  # not in the release (or not a plain path): nothing to take from the manifest
+        if meta.get("bytes") in (None, size):
+            out[path] = meta["sha256"]
+        else:
+            logger.warning("%s has %d bytes but data/manifest.json lists %s; hashing it", path, size, meta["bytes"])
     return out
 
 
-def release(run_dir: str | Path, out: str | Path, *, force: bool = False, link: bool = True) -> Path:
+def _verified_checkpoint_sums(tmp: Path, marker_dirs: list[str], threads: int | None) -> dict[str, str]:
+    """Check the release's copy of each checkpoint folder against its marker (hashing each file once);
+    ``{release path: sha256}`` of their files. Raises CheckpointError naming a damaged file."""
+    from llm360.rundir.checkpoint import read_marker, verify_checkpoint
+
+    listed: dict[str, dict] = {d: read_marker(tmp / d) for d in marker_dirs}
+    todo = [(f"{d}/{name}", tmp / d / name) for d, files in listed.items() for name in files
+            if (tmp / d / name).is_file()]  # fmt: skip
+    with progress("verifying checkpoints", total=len(todo), unit="files") as bar:
+        digests = hash_files(todo, threads, done=lambda _: bar.advance(1))
+    out: dict[str, str] = {}
+    for d, files in listed.items():
+        known = {name: got for name in files if isinstance(got := digests.get(f"{d}/{name}"), str)}
+        verify_checkpoint(tmp / d, known_sha256=known)  # compares, sizes and listing included; hashes nothing
+        out.update({f"{d}/{name}": files[name]["sha256"] for name in files})
+    return out
+
+
+def release(
+    run_dir: str | Path, out: str | Path, *, force: bool = False, link: bool = True, threads: int | None = None
+) -> Path:
     """Assemble the release of run_dir into out (a new folder); returns out.
 
     link: hard-link files from the run directory where possible (no extra space; the run's files
-    are never modified in place); False copies every byte.
+    are never modified in place); False copies every byte. threads: files hashed at once
+    (default min(4, cores)). Raises CheckpointError for a checkpoint that is incomplete or
+    damaged (nothing is written then), ReleaseError for pickles or unreadable files.
     """
     from llm360.release.card import write_model_card
 
@@ -142,17 +212,17 @@ def release(run_dir: str | Path, out: str | Path, *, force: bool = False, link: 
     ckpts = [p for _, p in list_checkpoints(rd.checkpoints)]
     if not ckpts:
         raise RunDirError(f"{run} has no checkpoints yet; train first (llm360 train --run-dir {run})")
-    from llm360.rundir.checkpoint import verify_checkpoint
+    from llm360.rundir.checkpoint import read_marker
 
     for c in [*ckpts, rd.init_checkpoint]:
         if c.exists():
-            verify_checkpoint(c)  # never release a half-written or damaged checkpoint
+            read_marker(c)  # a half-written checkpoint stops the release before anything is written
     atomic.clean_leftovers(out.parent, only=out.name)  # what a killed release of this name left
     if out.exists() and not force:
         raise RunDirError(f"{out} already exists; choose another --out or pass --force to replace it")
     # Built under a hidden name, then renamed: an existing release is replaced only once the new one is whole.
     with atomic.atomic_folder(out) as tmp:
-        files = sorted(p for p in run.rglob("*") if p.is_file() and _included(p.relative_to(run)))
+        files = _run_files(run)
         pickles = [p for p in files if is_pickle(p)]
         if pickles:
             raise ReleaseError(
@@ -163,8 +233,12 @@ def release(run_dir: str | Path, out: str | Path, *, force: bool = False, link: 
             for p in files:
                 _link_or_copy(p, tmp / p.relative_to(run), link)
                 bar.advance(1)
-        (tmp / "code.json").write_text(json.dumps(code_provenance(), indent=2, sort_keys=True) + "\n")
+        marker_dirs = sorted({p.parent.relative_to(run).as_posix() for p in files if p.name == MARKER})
+        # never release a damaged checkpoint: the bytes shipped are checked against their markers
+        known = _verified_checkpoint_sums(tmp, marker_dirs, threads)
+        known.update(_manifest_sums(run, tmp))
+        RunDir(tmp).code_info.write_text(json.dumps(code_provenance(), indent=2, sort_keys=True) + "\n")
         write_model_card(tmp)
-        write_sums(tmp)
+        write_sums(tmp, known, threads)
     logger.info("release written to %s", out)
     return out

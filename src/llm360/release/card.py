@@ -12,8 +12,9 @@ from typing import Any
 
 from llm360.config import parametrization_text
 from llm360.report.collect import RunFacts, collect, read_json
+from llm360.report.findings import all_findings
 from llm360.report.transparency import NO, PARTIAL, YES, Row, transparency_rows
-from llm360.rundir.layout import RunDir
+from llm360.rundir.layout import MODEL_META, RunDir
 
 _MARKS = {YES: "✓ yes", PARTIAL: "◐ partial", NO: "✗ no"}
 
@@ -63,8 +64,8 @@ def _raw_sources_lines(root: Path, cfg: dict) -> list[str]:
         if RunDir(root).source_snapshot(name).is_file():
             lines.append(f"- `{name}`: in this release, `data/sources/{name}.jsonl.gz`")
         elif src.get("kind") == "embedded":
-            lines.append(f"- `{name}`: llm360's embedded corpus ({src.get('embedded')}), not snapshotted: it is "
-                         "read from the Python installation, so it cannot be rebuilt from this release")
+            lines.append(f"- `{name}`: llm360's embedded corpus ({src.get('embedded')}), not snapshotted: rebuild "
+                         "it with the llm360 and Python named below")
         else:
             lines.append(f"- `{name}`: not in this release ({src.get('kind')} files); with a copy of them, add "
                          f"`--source {name}=PATH`")
@@ -93,6 +94,7 @@ def write_model_card(root: Path) -> Path:
     lines += _data_mix_lines(facts, root, cfg)
     lines += _eval_lines(facts)
     lines += _memorization_lines(facts)
+    lines += _findings_lines(facts)
     lines += _events_lines(facts)
     lines += _finetune_lines(facts, root)
     lines += [
@@ -101,7 +103,7 @@ def write_model_card(root: Path) -> Path:
         "(`AutoModelForCausalLM.from_pretrained(folder)`) and a complete training state. `SHA256SUMS` lists "
         "every file; nothing here is a pickle.", "",
     ]
-    path = root / "MODEL_CARD.md"
+    path = RunDir(root).model_card
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
@@ -110,7 +112,7 @@ def _architecture_lines(facts: RunFacts) -> list[str]:
     """The architecture of the latest checkpoint with a readable config.json, and its parameter count."""
     hf = facts.model_config
     ck = next((c for c in facts.checkpoints if c.name == facts.model_config_from), None)
-    ours = read_json(ck.path / "llm360_model.json", facts)[0] if ck is not None else None
+    ours = read_json(ck.path / MODEL_META, facts)[0] if ck is not None else None
     model = ours.get("model") if isinstance(ours, dict) else None
     if isinstance(model, dict):  # the exact model config: what config.json cannot say (muP) included
         rows = _architecture_rows(model)
@@ -149,7 +151,18 @@ def _data_mix_lines(facts: RunFacts, root: Path, cfg: dict) -> list[str]:
     lines += ["", f"{manifest.get('num_chunks')} chunks of {manifest.get('seq_len')}-token sequences "
               f"(+1 target token per row), dtype {manifest.get('token_dtype')}, vocabulary "
               f"{manifest.get('vocab_size')}, data seed {manifest.get('seed')}."]  # fmt: skip
-    return lines + _raw_sources_lines(root, cfg)
+    return lines + _raw_sources_lines(root, cfg) + _embedded_lines(manifest)
+
+
+def _embedded_lines(manifest: dict) -> list[str]:
+    """Which llm360 and Python reproduce the embedded corpus byte for byte (the manifest's ``embedded``)."""
+    rec = manifest.get("embedded")
+    if not isinstance(rec, dict) or not isinstance(rec.get("parts"), dict):
+        return []
+    parts = ", ".join(f"`{p}` ({v.get('documents')} documents, from {v.get('from')})"
+                      for p, v in rec["parts"].items() if isinstance(v, dict))  # fmt: skip
+    reproduce = str(rec.get("reproduce") or f"llm360 {rec.get('llm360')} on Python {rec.get('python')}")
+    return ["", f"Embedded corpus: {parts}; sha256 {str(rec.get('sha256'))[:16]}: {reproduce.rstrip('.')}."]
 
 
 def _eval_lines(facts: RunFacts) -> list[str]:
@@ -180,6 +193,14 @@ def _memorization_lines(facts: RunFacts) -> list[str]:
         lines += ["", "| checkpoint | mean score (seen chunks) | extractable share |", "| --- | ---: | ---: |"]
         lines += [f"| {name} | {_fmt(d.get('mean'))} | {_fmt(d.get('extractible_share'))} |" for name, d in seen]
     return lines
+
+
+def _findings_lines(facts: RunFacts) -> list[str]:
+    """What each figure of the report shows on this run, one sentence each."""
+    found = all_findings(facts)
+    if not found:
+        return []
+    return ["", "## What the figures show", ""] + [f"- **{figure}**: {text}" for figure, text in found]
 
 
 def _events_lines(facts: RunFacts) -> list[str]:

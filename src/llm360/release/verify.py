@@ -1,6 +1,10 @@
 """`llm360 verify RELEASE [--replay I ...] [--rederive]`: check a release independently.
 
-* **Integrity**: every file in SHA256SUMS is present with its hash, and nothing else is there.
+* **Integrity**: every file in SHA256SUMS is present with its hash, and nothing else is there;
+  files are hashed on a bounded pool of threads. Nothing outside the release is opened: an entry
+  that is absolute, contains ``..`` or goes through a symlink is refused with a problem that
+  says so, and a symlink anywhere in the release is a problem of its own (a release holds
+  regular files only: :mod:`llm360.release.sums`).
 * **Consistency**: the config's data hash matches the manifest's; every checkpoint's marker
   verifies and its trainer state names the same data; every trained chunk has its checkpoint.
 * **Replay** (``--replay I``): re-train chunk I from ``ckpt_{I-1}`` (``init`` for I = 0) on the
@@ -28,9 +32,31 @@ import torch
 
 from llm360.config import load_config
 from llm360.errors import CheckpointError, Llm360Error
+from llm360.executor import Executor
 from llm360.log import progress
-from llm360.release.build import SUMS, ReleaseError, read_sums
-from llm360.rundir.layout import MODEL_FILE, OPTIMIZER_FILE, RunDir, ckpt_name, index_name
+from llm360.release.sums import (
+    SUMS,
+    Listing,
+    ReleaseError,
+    entry_problem,
+    hash_files,
+    link_target,
+    read_sums,
+    walk,
+)
+from llm360.rundir.layout import (
+    CONFIG,
+    DATA_DIR,
+    MANIFEST,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SOURCES_DIR,
+    TRAINER_STATE,
+    RunDir,
+    ckpt_name,
+    data_manifest,
+    index_name,
+)
 from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -53,49 +79,94 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_sums(root: Path, report: VerifyReport) -> dict[str, str]:
-    """Check every file against SHA256SUMS; returns the sha256 computed for each file read."""
+def _check_sums(root: Path, report: VerifyReport, threads: int | None = None) -> tuple[dict[str, str], Listing]:
+    """Check every file against SHA256SUMS; returns the sha256 computed for each file read, and the listing.
+
+    Nothing outside the release is opened: entries that are absolute, contain ``..`` or go through
+    a symlink are refused (:func:`~llm360.release.sums.entry_problem`), and every symlink in the
+    release is a problem of its own. Files are hashed on ``threads`` threads.
+    """
     computed: dict[str, str] = {}
-    if not (root / SUMS).is_file():
-        report.problems.append(f"{SUMS} is missing: cannot check the release's files")
-        return computed
-    try:
-        sums = read_sums(root)
-    except ReleaseError as e:
-        report.problems.append(str(e))
-        return computed
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {SUMS}
-    bad = 0
-    with progress("checking sha256", total=len(sums), unit="files") as bar:
-        for rel, h in sums.items():
-            p = root / rel
-            if not p.is_file():
-                report.problems.append(f"missing file: {rel} (listed in {SUMS})")
-                bad += 1
-            else:
-                computed[rel] = sha256_file(p)
-                if computed[rel] != h:
-                    report.problems.append(f"sha256 mismatch: {rel}")
-                    bad += 1
-            bar.advance(1)
-    for rel in sorted(present - set(sums)):
+    listing = walk(root)
+    sums: dict[str, str] | None = None
+    if SUMS not in listing.files:
+        why = "is a symlink (not followed)" if SUMS in listing.links else "is missing"
+        report.problems.append(f"{SUMS} {why}: cannot check the release's files")
+    else:
+        try:
+            sums = read_sums(root)
+        except ReleaseError as e:
+            report.problems.append(str(e))
+    bad = _odd_entries(root, listing, sums or {}, report)
+    if sums is None:
+        return computed, listing
+    to_hash: list[tuple[str, Path]] = []
+    for rel in sums:
+        why = entry_problem(root, rel, listing)
+        if why is not None:
+            report.problems.append(why)
+            bad += 1
+        elif rel not in listing.files:
+            report.problems.append(f"missing file: {rel} (listed in {SUMS})")
+            bad += 1
+        else:
+            to_hash.append((rel, root / rel))
+    with progress("checking sha256", total=len(to_hash), unit="files") as bar:
+        digests = hash_files(to_hash, threads, done=lambda _: bar.advance(1))
+    for rel, _ in sorted(to_hash):
+        got = digests[rel]
+        if isinstance(got, OSError):
+            report.problems.append(f"unreadable file: {rel} ({got.strerror or got})")
+            bad += 1
+            continue
+        computed[rel] = got
+        if got != sums[rel]:
+            report.problems.append(f"sha256 mismatch: {rel}")
+            bad += 1
+    for rel in sorted(listing.files - set(sums) - {SUMS}):
         report.problems.append(f"unlisted file: {rel} (not in {SUMS})")
         bad += 1
     if not bad:
         report.passed.append(f"{len(sums)} files match {SUMS}, none extra")
-    return computed
+    return computed, listing
 
 
-def _check_consistency(root: Path, report: VerifyReport, computed: dict[str, str]) -> None:
+def _odd_entries(root: Path, listing: Listing, sums: Mapping[str, str], report: VerifyReport) -> int:
+    """Report every symlink and special file (a listed symlink is reported with its entry); their count."""
+    bad = 0
+    for rel in sorted(set(listing.links) - set(sums) - {SUMS}):
+        report.problems.append(f"symlink in the release: {rel} -> {link_target(root, rel, listing)}; a release "
+                               "holds regular files only, so it was not followed")
+        bad += 1
+    for rel in sorted(listing.other - set(sums)):
+        report.problems.append(f"not a regular file: {rel} (a FIFO, socket or device); it was not opened")
+        bad += 1
+    return bad
+
+
+def _readable(listing: Listing, rel: str) -> bool:
+    """Whether rel is a regular file of the release reached without a symlink (safe to open)."""
+    return rel in listing.files
+
+
+def _check_consistency(root: Path, report: VerifyReport, computed: dict[str, str], listing: Listing) -> None:
+    """Config, manifest and checkpoints agree. Reads only regular files of the release (``listing``):
+    what is a symlink, or under one, is already a problem of :func:`_check_sums` and is not followed."""
     from llm360.rundir.checkpoint import verify_checkpoint
 
+    if not _readable(listing, CONFIG):
+        report.problems.append("config.yaml is missing (or not a regular file)")
+        return
     try:
-        cfg = load_config(root / "config.yaml")
+        cfg = load_config(RunDir(root).config)
     except Llm360Error as e:
         report.problems.append(f"config.yaml: {e}")
         return
+    if not _readable(listing, f"{DATA_DIR}/{MANIFEST}"):
+        report.problems.append("data/manifest.json is missing (or not a regular file)")
+        return
     try:
-        manifest = json.loads((root / "data" / "manifest.json").read_text())
+        manifest = json.loads(RunDir(root).manifest.read_text())
     except (OSError, json.JSONDecodeError) as e:
         report.problems.append(f"data/manifest.json is unreadable: {e}")
         return
@@ -103,19 +174,32 @@ def _check_consistency(root: Path, report: VerifyReport, computed: dict[str, str
         report.problems.append("config.yaml's data section does not match data/manifest.json (config hash "
                                f"{cfg.data_hash()[:12]} vs {str(manifest.get('config_hash'))[:12]})")
     for rel, meta in (manifest.get("files") or {}).items():
-        p = root / "data" / rel
-        if p.is_file() and (computed.get(f"data/{rel}") or sha256_file(p)) != meta.get("sha256"):
-            report.problems.append(f"data/{rel} does not match its sha256 in data/manifest.json")
+        rel_path = f"data/{rel}"
+        if entry_problem(root, rel_path, listing) is not None:
+            report.problems.append(f"data/manifest.json lists {rel!r}, which is not a plain path inside data/; "
+                                   "it was not opened")
+            continue
+        if _readable(listing, rel_path):
+            digest = computed.get(rel_path) or hash_files([(rel_path, root / rel_path)], 1)[rel_path]
+            if digest != (meta or {}).get("sha256"):
+                report.problems.append(f"{rel_path} does not match its sha256 in data/manifest.json")
     n_chunks = int(manifest.get("num_chunks", 0))
     trained = n_chunks if cfg.train.max_chunks is None else min(n_chunks, cfg.train.max_chunks)
     missing = [i for i in range(trained) if not RunDir(root).ckpt_dir(i).is_dir()]
     if missing:
         report.problems.append("chunks without a checkpoint: " + ", ".join(ckpt_name(i) for i in missing))
     ok_ckpts = 0
-    for c in sorted((root / "checkpoints").glob("*")):
+    for c in sorted(RunDir(root).checkpoints.glob("*")):
+        prefix = f"checkpoints/{c.name}/"
+        if f"checkpoints/{c.name}" in listing.links:
+            continue  # reported as a symlink; not followed
         if not c.is_dir():
             continue
-        prefix = f"checkpoints/{c.name}/"
+        held = [rel for rel in (*listing.links, *listing.other) if rel.startswith(prefix)]
+        if held:
+            report.problems.append(f"checkpoints/{c.name} not checked: it holds entries that are not regular "
+                                   f"files ({', '.join(sorted(held)[:3])})")
+            continue
         known = {rel[len(prefix) :]: h for rel, h in computed.items() if rel.startswith(prefix)}
         try:
             verify_checkpoint(c, known_sha256=known)  # what SHA256SUMS checking hashed is not hashed again
@@ -123,7 +207,7 @@ def _check_consistency(root: Path, report: VerifyReport, computed: dict[str, str
             report.problems.append(f"checkpoints/{c.name}: {e}")
             continue
         try:
-            state = json.loads((c / "trainer_state.json").read_text())
+            state = json.loads((c / TRAINER_STATE).read_text())
         except (OSError, json.JSONDecodeError) as e:
             report.problems.append(f"checkpoints/{c.name}/trainer_state.json unreadable: {e}")
             continue
@@ -192,16 +276,18 @@ def replay_chunk(root: Path, i: int) -> dict:
 # ---------------------------------------------------------------------------------- rederive
 
 
-def rederive(root: Path, source_paths: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+def rederive(root: Path, source_paths: Mapping[str, Sequence[str]] | None = None, *,
+             executor: Executor | None = None) -> list[str]:
     """Rebuild the data from the raw sources and the config; the files that differ (empty: all equal).
 
     ``source_paths`` maps a source's name to the paths to read it from instead of the config's
-    (and instead of its snapshot in the release).
+    (and instead of its snapshot in the release). ``executor``: where prepare's tasks run
+    (default: in this process), the same plan as ``llm360 prepare``.
     """
     from llm360.config import validate_config
     from llm360.data.prepare import prepare
 
-    cfg = load_config(root / "config.yaml")
+    cfg = load_config(RunDir(root).config)
     raw = cfg.model_dump(mode="json")
     problems: list[str] = []
     source_paths = dict(source_paths or {})
@@ -224,20 +310,20 @@ def rederive(root: Path, source_paths: Mapping[str, Sequence[str]] | None = None
         return problems
     tok = raw["data"]["tokenizer"]
     if tok["kind"] == "file" and tok.get("path") and not Path(tok["path"]).exists():
-        tok["path"] = str(root / "data" / "tokenizer")
+        tok["path"] = str(RunDir(root).tokenizer)
     cfg2 = validate_config(raw)
     tmp = Path(tempfile.mkdtemp(prefix="llm360-rederive-"))
     try:
         try:
-            prepare(cfg2, tmp / "run")
+            prepare(cfg2, tmp / "run", executor=executor)
         except Llm360Error as e:
             return [f"rederive failed: {e}. A source whose raw files lie elsewhere is read from there with "
                     "--source NAME=PATH"]
-        new, old = tmp / "run" / "data", root / "data"
+        new, old = RunDir(tmp / "run").data, RunDir(root).data
         compared = 0
         for p in sorted(old.rglob("*")):
             rel = p.relative_to(old).as_posix()
-            if not p.is_file() or rel == "manifest.json" or rel.startswith("sources/"):
+            if not p.is_file() or rel == MANIFEST or rel.startswith(f"{SOURCES_DIR}/"):
                 continue
             q = new / rel
             if not q.is_file():
@@ -251,7 +337,7 @@ def rederive(root: Path, source_paths: Mapping[str, Sequence[str]] | None = None
             from llm360 import __version__
 
             try:
-                made_by = json.loads((old / "manifest.json").read_text())["versions"]["llm360"]
+                made_by = json.loads(data_manifest(old).read_text())["versions"]["llm360"]
             except (OSError, ValueError, KeyError, TypeError):
                 made_by = None
             if made_by != __version__:  # a difference may come from the preparation, not the sources
@@ -271,17 +357,27 @@ def verify(
     replay: list[int] | None = None,
     rederive_data: bool = False,
     source_paths: Mapping[str, Sequence[str]] | None = None,
+    threads: int | None = None,
+    executor: Executor | None = None,
 ) -> VerifyReport:
     """Check a release (or a run directory with a SHA256SUMS); see the module docstring.
 
     ``source_paths`` (with ``rederive_data``): where to read named sources' raw files from.
+    ``threads``: files hashed at once (default min(4, cores)). ``executor``: where a rederive's
+    prepare tasks run (default: in this process). Nothing outside the release is
+    read (but the raw sources a rederive is pointed at); a release that holds symlinks is not
+    replayed, since a replay would follow them.
     """
     root = Path(release_dir)
     if not root.is_dir():
         raise ReleaseError(f"{root} is not a folder")
     report = VerifyReport(root)
-    computed = _check_sums(root, report)
-    _check_consistency(root, report, computed)
+    computed, listing = _check_sums(root, report, threads)
+    _check_consistency(root, report, computed, listing)
+    if replay and (listing.links or listing.other):
+        report.problems.append("replay not run: the release holds symlinks or special files (listed above), which "
+                               "a replay would follow; replace them with the files themselves")
+        replay = []
     for i in replay or []:
         res = replay_chunk(root, i)
         report.replays.append(res)
@@ -291,7 +387,7 @@ def verify(
             report.passed.append(f"replay of chunk {index_name(i)}: {res.get('mode')} match "
                                  f"(max abs diff {res.get('max_abs_diff', 0.0):.3g})")
     if rederive_data:
-        probs = rederive(root, source_paths)
+        probs = rederive(root, source_paths, executor=executor)
         report.problems.extend(probs)
         if not probs:
             report.passed.append("data rederived from the raw sources: every chunk, provenance, validation, "

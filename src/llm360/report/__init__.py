@@ -9,8 +9,11 @@ page loads nothing (no CDN, no fonts) and opens from disk, offline.
 
 * :mod:`llm360.report.collect` -- read the folder, tolerating missing and malformed files
 * :mod:`llm360.report.transparency` -- the yes / partial / no table and its evidence
-* :mod:`llm360.report.sections` -- one function per section of the page
-* :mod:`llm360.report.svg` -- the charts
+* :mod:`llm360.report.html` -- the building blocks of a section (tables, figures, tolerant readers)
+* :mod:`llm360.report.sections` -- the sections that describe the run (transparency, config, architecture, data)
+* :mod:`llm360.report.training` -- the training curves and events
+* :mod:`llm360.report.results` -- evaluations, memorization and contamination
+* :mod:`llm360.report.charts` -- the charts, drawn from the parts in :mod:`llm360.report.svg`
 * :mod:`llm360.report.page` -- the page, and :func:`build_report`
 """
 

@@ -42,6 +42,7 @@ section h2 { font-size: 21px; margin: 6px 0 10px; }
 section h3 { font-size: 16px; margin: 18px 0 6px; }
 p.lead { color: var(--muted); margin: 0 0 10px; max-width: 820px; }
 p.na { color: var(--muted); font-style: italic; margin: 6px 0; }
+p.finding { margin: 2px 0 14px; max-width: 820px; }
 .small { font-size: 13px; color: var(--muted); }
 code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px; }
 pre { background: var(--card); border: 1px solid var(--border); border-radius: 6px; padding: 10px; overflow: auto;

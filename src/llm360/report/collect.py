@@ -18,10 +18,19 @@ from typing import Any
 
 from llm360.errors import CheckpointError
 from llm360.rundir.layout import (
+    CHUNK_GLOB,
+    CODE_SNAPSHOT_ARCHIVES,
+    CODE_SNAPSHOT_DIRS,
+    DOCUMENTS_DIR,
+    HF_CONFIG,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    PROVENANCE_GLOB,
+    SOURCES_DIR,
+    TRAINER_STATE,
     RunDir,
     has_marker,
+    list_checkpoint_files,
     list_checkpoints,
     parse_ckpt_name,
 )
@@ -216,13 +225,13 @@ def _checkpoints(facts: RunFacts, root: Path) -> None:
 
 def _model_config(facts: RunFacts) -> None:
     for ck in reversed(facts.checkpoints):  # the latest first: the architecture of the released model
-        if not (ck.path / "config.json").is_file():
+        if not (ck.path / HF_CONFIG).is_file():
             continue
-        data, _ = read_json(ck.path / "config.json", facts, what="architecture")
+        data, _ = read_json(ck.path / HF_CONFIG, facts, what="architecture")
         if isinstance(data, dict):
             facts.model_config = data
             facts.model_config_from = ck.name
-            state, _ = read_json(ck.path / "trainer_state.json", facts)
+            state, _ = read_json(ck.path / TRAINER_STATE, facts)
             facts.trainer_state = state if isinstance(state, dict) else None
             return
 
@@ -259,27 +268,28 @@ def _manifest(facts: RunFacts, root: Path) -> None:
     else:
         facts.manifest_error = why
     if rd.data.is_dir():
-        facts.chunk_files = sorted(p.name for p in rd.data.glob("chunk_*.npy"))
-        facts.provenance_files = sorted(p.name for p in rd.data.glob("provenance_*.npy"))
-        facts.source_text_files = sorted(f"data/sources/{p.name}" for p in (rd.data / "sources").glob("*.jsonl*"))
-        facts.document_tables = sorted(f"data/documents/{p.name}" for p in (rd.data / "documents").glob("*.jsonl*"))
+        facts.chunk_files = sorted(p.name for p in rd.data.glob(CHUNK_GLOB))
+        facts.provenance_files = sorted(p.name for p in rd.data.glob(PROVENANCE_GLOB))
+        facts.source_text_files = sorted(_rel(root, p) for p in (rd.data / SOURCES_DIR).glob("*.jsonl*"))
+        facts.document_tables = sorted(_rel(root, p) for p in (rd.data / DOCUMENTS_DIR).glob("*.jsonl*"))
 
 
 def _eval(facts: RunFacts, root: Path) -> None:
-    folder = root / "eval"
+    rd = RunDir(root)
+    folder = rd.eval_dir
     if not folder.is_dir():
         facts.eval_error = "no eval/ folder (run `llm360 eval`)"
         return
-    summary, why = read_json(folder / "summary.json", facts, what="eval summary")
+    summary, why = read_json(rd.eval_summary, facts, what="eval summary")
     if isinstance(summary, dict) and all(isinstance(summary.get(k), list) for k in ("rows", "columns")):
         rows = [r for r in summary["rows"] if isinstance(r, dict) and isinstance(r.get("checkpoint"), str)]
         columns = [str(c) for c in summary["columns"]]
         tasks = summary.get("tasks") if isinstance(summary.get("tasks"), dict) else {}
         if rows and columns:
-            facts.eval = EvalData(columns, rows, tasks, "eval/summary.json")
+            facts.eval = EvalData(columns, rows, tasks, _rel(root, rd.eval_summary))
             return
     elif summary is not None:
-        facts.notes.append("eval/summary.json is not an llm360 eval summary; using the per-checkpoint files")
+        facts.notes.append(f"{_rel(root, rd.eval_summary)} is not an llm360 eval summary; using the per-checkpoint files")
     # Per-file results: eval/<ckpt>/<task>.json with a "metrics" object.
     rows_by: dict[str, dict[str, Any]] = {}
     columns: dict[str, None] = {}
@@ -308,16 +318,17 @@ def _eval(facts: RunFacts, root: Path) -> None:
 
 
 def _memorization(facts: RunFacts, root: Path) -> None:
-    folder = root / "analysis" / "memorization"
+    rd = RunDir(root)
+    folder = rd.memorization_dir
     if not folder.is_dir():
         facts.memorization_error = "no analysis/memorization/ folder (run `llm360 analyze memorization`)"
         return
-    summary, why = read_json(folder / "summary.json", facts, what="memorization summary")
+    summary, why = read_json(rd.memorization_summary, facts, what="memorization summary")
     if isinstance(summary, dict) and isinstance(summary.get("checkpoints"), list):
         facts.memorization = summary
     elif summary is not None:
-        facts.notes.append("analysis/memorization/summary.json has an unexpected shape; left out")
-    for p in sorted(folder.glob("ckpt_*.json")):
+        facts.notes.append(f"{_rel(root, rd.memorization_summary)} has an unexpected shape; left out")
+    for _, p in list_checkpoint_files(folder, ".json"):
         data, _ = read_json(p, facts)
         if isinstance(data, dict) and "checkpoint" in data:
             facts.memorization_metas.append(data)
@@ -326,7 +337,7 @@ def _memorization(facts: RunFacts, root: Path) -> None:
 
 
 def _contamination(facts: RunFacts, root: Path) -> None:
-    folder = root / "analysis" / "contamination"
+    folder = RunDir(root).contamination_dir
     if not folder.is_dir():
         facts.contamination_error = "no analysis/contamination/ folder (run `llm360 analyze contamination`)"
         return
@@ -347,10 +358,10 @@ def collect(run_dir: str | Path) -> RunFacts:
     rd = RunDir(root)
 
     def train() -> None:
-        facts.train = read_jsonl(rd.metrics / "train.jsonl", facts)
+        facts.train = read_jsonl(rd.train_metrics, facts)
 
     def events() -> None:
-        facts.events = read_jsonl(rd.metrics / "events.jsonl", facts)
+        facts.events = read_jsonl(rd.events, facts)
 
     steps = [("config", lambda: _config(facts, root)), ("data manifest", lambda: _manifest(facts, root)),
              ("checkpoints", lambda: _checkpoints(facts, root)), ("architecture", lambda: _model_config(facts)),
@@ -367,11 +378,11 @@ def collect(run_dir: str | Path) -> RunFacts:
 
 
 def _code(facts: RunFacts, root: Path) -> None:
-    info, _ = read_json(root / "code.json", facts, what="code provenance")
+    info, _ = read_json(RunDir(root).code_info, facts, what="code provenance")
     facts.code_info = info if isinstance(info, dict) else None
-    for name in ("code", "source", "src"):
+    for name in CODE_SNAPSHOT_DIRS:
         if (root / name).is_dir() and any((root / name).iterdir()):
             facts.code_snapshot = f"{name}/"
             return
-    archives = sorted(p.name for p in root.glob("code*.tar*")) + sorted(p.name for p in root.glob("code*.zip"))
+    archives = [name for pattern in CODE_SNAPSHOT_ARCHIVES for name in sorted(p.name for p in root.glob(pattern))]
     facts.code_snapshot = archives[0] if archives else None

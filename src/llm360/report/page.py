@@ -9,28 +9,38 @@ from pathlib import Path
 
 from llm360 import __version__
 from llm360.errors import Llm360Error
-from llm360.report import sections as sec
 from llm360.report.assets import CSS, JS
 from llm360.report.collect import RunFacts, collect
-from llm360.report.svg import esc
+from llm360.report.html import Ids, Section, as_int, as_num, na
+from llm360.report.results import contamination_section, eval_section, memorization_section
+from llm360.report.sections import (
+    architecture_section,
+    config_section,
+    data_section,
+    run_name,
+    transparency_section,
+)
+from llm360.report.svg import esc, fmt_si
+from llm360.report.training import training_section
 from llm360.rundir.atomic import atomic_write_text
+from llm360.rundir.layout import RunDir
 
 logger = logging.getLogger(__name__)
 
 
 def render(facts: RunFacts, *, generated_at: datetime | None = None) -> str:
     """The report page of what ``facts`` holds, as one HTML string."""
-    ids = sec.Ids()
+    ids = Ids()
     when = (generated_at or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
-    builders: list[tuple[str, str, Callable[[], sec.Section]]] = [
-        ("transparency", "Transparency", lambda: sec.transparency_section(facts)),
-        ("config", "Configuration", lambda: sec.config_section(facts)),
-        ("architecture", "Architecture", lambda: sec.architecture_section(facts)),
-        ("data", "Data", lambda: sec.data_section(facts, ids)),
-        ("training", "Training", lambda: sec.training_section(facts, ids)),
-        ("evaluations", "Evaluations", lambda: sec.eval_section(facts, ids)),
-        ("memorization", "Memorization", lambda: sec.memorization_section(facts, ids)),
-        ("contamination", "Contamination", lambda: sec.contamination_section(facts, ids)),
+    builders: list[tuple[str, str, Callable[[], Section]]] = [
+        ("transparency", "Transparency", lambda: transparency_section(facts)),
+        ("config", "Configuration", lambda: config_section(facts)),
+        ("architecture", "Architecture", lambda: architecture_section(facts)),
+        ("data", "Data", lambda: data_section(facts, ids)),
+        ("training", "Training", lambda: training_section(facts, ids)),
+        ("evaluations", "Evaluations", lambda: eval_section(facts, ids)),
+        ("memorization", "Memorization", lambda: memorization_section(facts, ids)),
+        ("contamination", "Contamination", lambda: contamination_section(facts, ids)),
     ]
     sections = []
     for sid, title, build in builders:
@@ -40,19 +50,19 @@ def render(facts: RunFacts, *, generated_at: datetime | None = None) -> str:
             logger.debug("the %s section could not be drawn", sid, exc_info=True)  # the note is logged below
             why = f"its files hold something unexpected ({type(e).__name__}: {e})"
             facts.notes.append(f"{title} section left out: {why}")
-            sections.append(sec.Section(sid, title, sec.na(why), False, failed=True))
-    name = sec.run_name(facts)
+            sections.append(Section(sid, title, na(why), False, failed=True))
+    name = run_name(facts)
     toc = "".join(f'<a href="#{esc(s.id)}"{"" if s.available else " class=off"}>{esc(s.title)}</a>'
                   for s in sections)  # fmt: skip
     bits = []
     manifest = facts.manifest or {}
-    if (chunks := sec.as_int(manifest.get("num_chunks"))) is not None:
+    if (chunks := as_int(manifest.get("num_chunks"))) is not None:
         bits.append(f"{chunks:,} chunks")
     n_ck = len([c for c in facts.chunk_checkpoints if c.has_model])
     if facts.checkpoints:
         bits.append(f"{n_ck} checkpoint{'s' if n_ck != 1 else ''}")
-    if (tokens := sec.as_num(manifest.get("total_tokens"))) is not None:
-        bits.append(f"{sec.fmt_si(tokens)} tokens")
+    if (tokens := as_num(manifest.get("total_tokens"))) is not None:
+        bits.append(f"{fmt_si(tokens)} tokens")
     notes = "".join(f"<li>{esc(n)}</li>" for n in facts.notes)
     notes_html = f'<h3>Notes</h3><ul class="notes">{notes}</ul>' if notes else ""
     return f"""<!DOCTYPE html>
@@ -99,7 +109,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         raise Llm360Error(f"{run_dir} is not a directory: give a run directory or a release folder")
     facts = collect(run_dir)
     page = render(facts)
-    out = Path(out) if out is not None else run_dir / "report" / "index.html"
+    out = Path(out) if out is not None else RunDir(run_dir).report_page
     atomic_write_text(out, page)
     logger.info("report written to %s (%d KB)", out, len(page.encode()) // 1024)
     for note in facts.notes:

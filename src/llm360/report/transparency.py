@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llm360.report.collect import RunFacts
+from llm360.rundir.layout import CONFIG
 
 YES, PARTIAL, NO = "yes", "partial", "no"
 
@@ -80,7 +81,7 @@ def _config(facts: RunFacts) -> Row:
     if facts.config is not None:
         return Row("training_config", "Training config", YES,
                    "config.yaml (fully resolved, every default written out)")  # fmt: skip
-    in_ckpt = [c.name for c in facts.checkpoints if (c.path / "config.yaml").is_file()]
+    in_ckpt = [c.name for c in facts.checkpoints if (c.path / CONFIG).is_file()]
     if in_ckpt:
         return Row("training_config", "Training config", YES,
                    f"config.yaml inside {_plural(len(in_ckpt), 'checkpoint')}")  # fmt: skip

@@ -41,7 +41,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,8 @@ __all__ = [  # the file names are layout's, the RNG helpers rng_state's: here, w
     "CHECKPOINT_FILES", "MARKER", "MODEL_FILE", "OPTIMIZER_FILE", "OPTIMIZER_META", "RNG_FILE", "RNG_META",
     "TRAINER_STATE", "capture_rng", "clean_leftovers", "latest_complete_checkpoint", "load_checkpoint",
     "load_model_state", "load_training_state", "marker_sha256", "read_marker", "read_trainer_state", "remove_checkpoint",
-    "restore_rng", "save_checkpoint", "step_checkpoint_dir", "verify_checkpoint",
+    "restore_rng", "save_checkpoint", "step_checkpoint_dir", "verify_checkpoint", "verify_model_files",
+    "RESUME_ONLY_FILES",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -355,16 +356,43 @@ def remove_checkpoint(ckpt_dir: str | Path) -> None:
 # -------------------------------------------------------------------------------- verify, load
 
 
-def verify_checkpoint(ckpt_dir: str | Path, *, known_sha256: Mapping[str, str] | None = None) -> None:
+def verify_checkpoint(
+    ckpt_dir: str | Path, *, known_sha256: Mapping[str, str] | None = None, only: Collection[str] | None = None
+) -> None:
     """Check that a checkpoint is complete and intact; raise CheckpointError naming what is wrong.
 
     Problems reported: no marker (the save did not finish), a damaged marker, a listed file that is
     missing, a file of the wrong size or sha256, a file that is not listed. ``known_sha256``
     ({file name: sha256}) holds digests the caller has just computed from these very files (e.g.
     a release's SHA256SUMS check): those files are compared with the marker, not hashed again.
+    ``only``: hash just these files (what a reader is about to use); the marker, the listing and
+    every file's size are still checked.
     """
     d = Path(ckpt_dir)
-    _read_verified(d, read_marker(d), wanted=set(), known=known_sha256 or {})
+    files = read_marker(d)
+    known = {n: rec["sha256"] for n, rec in files.items() if only is not None and n not in only}
+    _read_verified(d, files, wanted=set(), known={**known, **(known_sha256 or {})})
+
+
+RESUME_ONLY_FILES = frozenset({OPTIMIZER_FILE, OPTIMIZER_META, RNG_FILE, RNG_META})
+"""Files of a checkpoint that only resuming training reads (evaluating or analysing a model does not)."""
+_verified_for_reading: set[tuple[str, str]] = set()
+
+
+def verify_model_files(ckpt_dir: str | Path) -> str:
+    """Verify, once per process, the files of a checkpoint that reading its model uses: every file
+    but :data:`RESUME_ONLY_FILES` (the weights, configs, tokenizer, trainer state) against the marker.
+
+    Returns the marker's sha256 (which names the checkpoint's content). A checkpoint already
+    verified by this process with the same marker is not hashed again; a re-saved one is.
+    Raises CheckpointError as :func:`verify_checkpoint`.
+    """
+    d = Path(ckpt_dir)
+    key = (os.path.realpath(d), marker_sha256(d))
+    if key not in _verified_for_reading:
+        verify_checkpoint(d, only=set(read_marker(d)) - RESUME_ONLY_FILES)
+        _verified_for_reading.add(key)
+    return key[1]
 
 
 def _read_verified(

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from llm360.errors import CheckpointError, ConfigError, DataError
-from llm360.rundir.layout import RunDir
+from llm360.rundir.layout import CONFIG, TRAINER_STATE, RunDir, data_manifest, documents_file
 from llm360.utils import read_json
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class DataStore:
 
     def __init__(self, data_dir: str | Path) -> None:
         self.dir = Path(data_dir)
-        mpath = self.dir / "manifest.json"
+        mpath = data_manifest(self.dir)
         if not mpath.is_file():
             raise DataError(
                 f"no prepared data in {self.dir} (missing manifest.json); run `llm360 prepare` "
@@ -238,7 +238,7 @@ class DataStore:
 
     def documents(self, source: str, numbers: set[int]) -> dict[int, dict]:
         """The given lines of data/documents/<source>.jsonl.gz, in one streamed pass."""
-        path = self.dir / "documents" / f"{source}.jsonl.gz"
+        path = documents_file(self.dir, source)
         out: dict[int, dict] = {}
         last = max(numbers, default=-1)
         with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -337,7 +337,7 @@ class TrainingRecord:
                 events=tuple(events),
             )
         except (TypeError, ValueError, AttributeError) as e:
-            where = checkpoint / "trainer_state.json" if checkpoint is not None else "trainer_state.json"
+            where = checkpoint / TRAINER_STATE if checkpoint is not None else TRAINER_STATE
             raise DataError(f"{where} holds malformed guard decisions ({e}); that checkpoint is corrupt") from None
 
     def reseeds(self, chunk: int) -> int:
@@ -363,7 +363,7 @@ def read_training_record(run_dir: str | Path) -> TrainingRecord:
     from llm360.rundir import checkpoint as ckpt  # imports torch: only readers of a training record pay
 
     rd = RunDir(run_dir)
-    events = _read_events(rd.metrics / "events.jsonl")
+    events = _read_events(rd.events)
     latest = ckpt.latest_complete_checkpoint(rd.checkpoints, cleanup=False, verify=False)
     if latest is None:
         return TrainingRecord(events=events)
@@ -570,7 +570,7 @@ def place_rows(index: TrainedIndex, chunk: int, rows: Iterable[int]) -> list[Row
 def _train_settings(rd: RunDir, record: TrainingRecord) -> tuple[int | None, int | None]:
     """(train.global_batch_sequences, train.seed) of the config that trained: the latest checkpoint's
     config.yaml, else the run's; (None, None) when there is neither."""
-    candidates = [record.checkpoint / "config.yaml"] if record.checkpoint is not None else []
+    candidates = [record.checkpoint / CONFIG] if record.checkpoint is not None else []
     for path in [*candidates, rd.config]:
         if path.is_file():
             from llm360.config import load_config  # the full schema knows every default
@@ -604,7 +604,7 @@ def trained_rows(run_dir: str | Path, global_batch: int | None = None) -> Traine
         raise ConfigError(f"global batch must be >= 1 sequence, got {global_batch}")
     data = rd.data
     if record.data_dir is not None:
-        if (Path(record.data_dir) / "manifest.json").is_file():
+        if data_manifest(record.data_dir).is_file():
             data = Path(record.data_dir)
         else:
             logger.warning("%s was trained on %s, which is not here; reading %s instead",

@@ -7,8 +7,22 @@ needed) everywhere: files, folders, metrics and docs. The checkpoints of a run::
     checkpoints/ckpt_000/ ...           one per chunk (:meth:`RunDir.ckpt_dir`, :func:`ckpt_name`)
     checkpoints/steps/step_00000100/    intra-chunk ones, by global optimizer step (:func:`step_name`)
 
-and the files of each checkpoint folder (what they hold: :mod:`llm360.rundir.checkpoint`). Nothing
-here reads a file's content or imports torch, so the report can list a run cheaply.
+and the files of each checkpoint folder (what they hold: :mod:`llm360.rundir.checkpoint`). The rest of a
+run directory (:class:`RunDir`)::
+
+    config.yaml                         the resolved config (a copy in every checkpoint too)
+    data/                               manifest.json, chunk_NNN.npy, provenance_NNN.npy, tokenizer/,
+                                        documents/<source>.jsonl.gz, sources/<source>.jsonl.gz
+    metrics/                            train.jsonl, events.jsonl
+    eval/<ckpt>/<task>.json             one result per (checkpoint, task); eval/summary.json, summary.csv
+    analysis/memorization/              <ckpt>.json + <ckpt>.npz, samples.*, summary.json
+    analysis/contamination/<task>.json  one result per evaluation set
+    finetune/<name>/                    fine-tuned models, each a checkpoint folder with lineage.json
+    report/index.html                   the report page
+    release/                            the default place of ``llm360 release``
+
+A release folder has the same layout, plus ``SHA256SUMS``, ``MODEL_CARD.md`` and ``code.json`` at its
+top. Nothing here reads a file's content or imports torch, so the report can list a run cheaply.
 """
 
 from __future__ import annotations
@@ -35,6 +49,8 @@ MARKER = "COMPLETE.json"
 """A checkpoint's marker: the sha256 and size of every other file; written last, so a folder without
 it is a save that did not finish and is never loaded."""
 MODEL_FILE = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
+"""The index of a model sharded into several safetensors files, as transformers writes it."""
 OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 TRAINER_STATE = "trainer_state.json"
@@ -42,6 +58,10 @@ RNG_FILE = "rng_state.safetensors"
 RNG_META = "rng_state.json"
 CHECKPOINT_FILES = frozenset({MARKER, MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META, TRAINER_STATE, RNG_FILE, RNG_META})
 """The names a checkpoint's state uses; extra files (config.json, ...) take other names."""
+HF_CONFIG = "config.json"
+"""The Hugging Face config beside the weights (every checkpoint and fine-tuned model has one)."""
+MODEL_META = "llm360_model.json"
+"""llm360's exact model config beside ``config.json`` (muP and what transformers' config cannot hold)."""
 
 INIT = "init"
 """Checkpoint folder of the weights before the first step."""
@@ -109,15 +129,57 @@ def list_step_checkpoints(folder: str | Path, *, complete_only: bool = False) ->
     return _listed(Path(folder), parse_step_name, complete_only)
 
 
+# ------------------------------------------------------------------------------ run directory
+
+CONFIG = "config.yaml"
+"""The resolved config, every default written out: at the top of a run and in every checkpoint."""
+DATA_DIR = "data"
+MANIFEST = "manifest.json"
+"""The data manifest, at the top of a data directory."""
+TOKENIZER_DIR = "tokenizer"
+DOCUMENTS_DIR = "documents"
+"""Folder of a data directory with every input document's fate, one ``<source>.jsonl.gz`` per documents table."""
+SOURCES_DIR = "sources"
+"""Folder of a data directory with the raw documents of the sources marked ``snapshot: true``."""
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_DIR = "metrics"
+TRAIN_METRICS = "train.jsonl"
+EVENTS = "events.jsonl"
+EVAL_DIR = "eval"
+SUMMARY = "summary.json"
+"""The table over every checkpoint, in ``eval/`` and in each ``analysis/<name>/`` folder."""
+SUMMARY_CSV = "summary.csv"
+ANALYSIS_DIR = "analysis"
+MEMORIZATION = "memorization"
+CONTAMINATION = "contamination"
+FINETUNE_DIR = "finetune"
+LINEAGE = "lineage.json"
+"""What a fine-tuned model was made from (base checkpoint, data, config, versions), in its folder."""
+FINETUNE_METRICS = "metrics.jsonl"
+FINETUNE_CONFIG = "finetune.yaml"
+FINETUNE_BUILTIN_DATA = "train_data.jsonl"
+"""The exact records a fine-tuned model trained on, when they were a built-in set."""
+REPORT_DIR = "report"
+REPORT_PAGE = "index.html"
+RELEASE_DIR = "release"
+"""Where ``llm360 release`` (and ``llm360 run``) put a run's release by default, inside the run."""
+EXPORT_DIR = "export"
+"""Where ``llm360 export-data`` writes by default, inside the run (``export/llm360-jsonl/``)."""
+PIPELINE_STATE = "pipeline.json"
+"""What ``llm360 run`` last did (a fingerprint of the run's files per stage), so it redoes only what changed."""
+RUN_CONTENT = (CONFIG, DATA_DIR, CHECKPOINTS_DIR, METRICS_DIR, EVAL_DIR, ANALYSIS_DIR, FINETUNE_DIR, REPORT_DIR)
+"""What the stages write at the top of a run directory, in stage order: what a release carries."""
+
+
 class RunDir:
-    """The layout of one run directory (see DESIGN.md)."""
+    """The layout of one run directory, or of a release folder (same layout; see the module docstring)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
     @property
     def config(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / CONFIG
 
     @property
     def lock(self) -> Path:
@@ -125,23 +187,38 @@ class RunDir:
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.root / DATA_DIR
 
     @property
     def manifest(self) -> Path:
-        return self.data / "manifest.json"
+        return data_manifest(self.data)
 
     @property
     def tokenizer(self) -> Path:
-        return self.data / "tokenizer"
+        return self.data / TOKENIZER_DIR
+
+    @property
+    def prepare_scratch(self) -> Path:
+        """``.prepare``: a prepare's finished tasks while it runs (:data:`PREPARE_DIR`)."""
+        return self.root / PREPARE_DIR
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS_DIR
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics"
+        return self.root / METRICS_DIR
+
+    @property
+    def train_metrics(self) -> Path:
+        """``metrics/train.jsonl``: one line per optimizer step."""
+        return self.metrics / TRAIN_METRICS
+
+    @property
+    def events(self) -> Path:
+        """``metrics/events.jsonl``: NaNs, skips, rollbacks, spikes, resumes."""
+        return self.metrics / EVENTS
 
     def chunk(self, i: int) -> Path:
         return self.data / chunk_file(i)
@@ -151,7 +228,7 @@ class RunDir:
 
     def source_snapshot(self, source: str) -> Path:
         """The raw documents of a source with ``snapshot: true`` (a run's or a release's)."""
-        return self.data / "sources" / f"{source}.jsonl.gz"
+        return self.data / SOURCES_DIR / f"{source}.jsonl.gz"
 
     def ckpt_dir(self, i: int) -> Path:
         return self.checkpoints / ckpt_name(i)
@@ -171,10 +248,152 @@ class RunDir:
         """``checkpoints/dcp``: the sharded copy of each checkpoint, under the checkpoint's name (FSDP runs)."""
         return self.checkpoints / DCP_DIR
 
+    # ----------------------------------------------------------------- what the later stages write
+
+    @property
+    def eval_dir(self) -> Path:
+        """``eval/``: one folder per evaluated model, named as the model (``ckpt_012``, a fine-tuned name)."""
+        return self.root / EVAL_DIR
+
+    def eval_result(self, model: str, task: str) -> Path:
+        """``eval/<model>/<task>.json``: one (model, task) result."""
+        return self.eval_dir / model / f"{task}.json"
+
+    def eval_samples(self, model: str, task: str) -> Path:
+        """``eval/<model>/<task>.samples.jsonl``: the per-example outputs of that result."""
+        return self.eval_dir / model / f"{task}.samples.jsonl"
+
+    @property
+    def eval_summary(self) -> Path:
+        """``eval/summary.json``: every result in one table (``eval_summary_csv`` the same as CSV)."""
+        return self.eval_dir / SUMMARY
+
+    @property
+    def eval_summary_csv(self) -> Path:
+        return self.eval_dir / SUMMARY_CSV
+
+    def eval_claim(self, model: str, task: str | None = None) -> Path:
+        """``eval/.claims/<model>[.<task>].lock``: held (flock) by the process evaluating that model (or
+        pair), so two evaluators never take the same one; removed when done, hidden (never released)."""
+        return self.eval_dir / ".claims" / (f"{model}.{task}.lock" if task else f"{model}.lock")
+
+    def analysis_dir(self, name: str) -> Path:
+        """``analysis/<name>/``: the results of one analysis (memorization, contamination)."""
+        return self.root / ANALYSIS_DIR / name
+
+    @property
+    def memorization_dir(self) -> Path:
+        return self.analysis_dir(MEMORIZATION)
+
+    def memorization_result(self, ckpt: str) -> Path:
+        """``analysis/memorization/<ckpt>.json``: a checkpoint's settings and timing, written after its arrays
+        (:meth:`memorization_scores`), so the result exists when this file does."""
+        return self.memorization_dir / f"{ckpt}.json"
+
+    def memorization_scores(self, ckpt: str) -> Path:
+        """``analysis/memorization/<ckpt>.npz``: a checkpoint's per-row scores."""
+        return self.memorization_dir / f"{ckpt}.npz"
+
+    @property
+    def memorization_samples(self) -> Path:
+        """``analysis/memorization/samples.json``: how the rows were drawn (the rows: ``samples.npz`` beside it)."""
+        return self.memorization_dir / "samples.json"
+
+    @property
+    def memorization_sample_rows(self) -> Path:
+        return self.memorization_dir / "samples.npz"
+
+    @property
+    def memorization_summary(self) -> Path:
+        return self.memorization_dir / SUMMARY
+
+    @property
+    def contamination_dir(self) -> Path:
+        return self.analysis_dir(CONTAMINATION)
+
+    def contamination_result(self, task: str) -> Path:
+        """``analysis/contamination/<task>.json``: one evaluation set's overlap with the training data."""
+        return self.contamination_dir / f"{task}.json"
+
+    @property
+    def finetune_dir(self) -> Path:
+        """``finetune/``: fine-tuned models, one checkpoint folder each (hidden names are work in progress)."""
+        return self.root / FINETUNE_DIR
+
+    def finetune_model(self, name: str) -> Path:
+        return self.finetune_dir / name
+
+    @property
+    def report_page(self) -> Path:
+        """``report/index.html``: the report."""
+        return self.root / REPORT_DIR / REPORT_PAGE
+
+    @property
+    def llm360_export(self) -> Path:
+        """``export/llm360-jsonl/``: the data in LLM360's released chunk format, unless told otherwise."""
+        return self.root / EXPORT_DIR / "llm360-jsonl"
+
+    @property
+    def pipeline_state(self) -> Path:
+        return self.root / PIPELINE_STATE
+
+    @property
+    def release_default(self) -> Path:
+        """``release/``: where a release of this run goes unless told otherwise."""
+        return self.root / RELEASE_DIR
+
+    # ----------------------------------------------------------------- the top of a release
+
+    @property
+    def sums(self) -> Path:
+        """``SHA256SUMS``: a release's list of every file with its sha256."""
+        return self.root / RELEASE_SUMS
+
+    @property
+    def model_card(self) -> Path:
+        return self.root / MODEL_CARD
+
+    @property
+    def code_info(self) -> Path:
+        """``code.json``: the llm360 version, git commit and package versions a release was made with."""
+        return self.root / CODE_INFO
+
+
+def data_manifest(data_dir: str | Path) -> Path:
+    """The manifest of a data directory (a run's ``data/`` or a data directory elsewhere)."""
+    return Path(data_dir) / MANIFEST
+
+
+def documents_file(data_dir: str | Path, table: str) -> Path:
+    """``<data>/documents/<table>.jsonl.gz``: every document of one documents table, used or not, and why."""
+    return Path(data_dir) / DOCUMENTS_DIR / f"{table}.jsonl.gz"
+
+
+def list_checkpoint_files(folder: str | Path, suffix: str = ".json") -> list[tuple[int, Path]]:
+    """``(chunk index, path)`` of every ``ckpt_NNN<suffix>`` file directly in folder (an analysis's
+    per-checkpoint results), sorted by index; a missing folder lists nothing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if p.name.endswith(suffix) and (i := parse_ckpt_name(p.name[: -len(suffix)])) is not None and p.is_file():
+            found.append((i, p))
+    return sorted(found)
+
 
 def chunk_file(i: int) -> str:
     return f"chunk_{index_name(i)}.npy"
 
+
+CHUNK_GLOB = "chunk_*.npy"
+PROVENANCE_GLOB = "provenance_*.npy"
+
+
+PREPARE_DIR = ".prepare"
+"""Hidden folder of a run directory holding a prepare's finished tasks while it runs (map outputs, the plan,
+scattered rows, the data set being built); a killed prepare resumes from it, and it is deleted when the data
+set is installed as ``data/``."""
 
 DOC_INDEX_DIR = ".doc_index"
 """Folder of a data directory caching, per documents table, where each document's tokens lie in the chunks
@@ -190,6 +409,14 @@ def doc_index_file(data_dir: str | Path, source: str) -> Path:
 RELEASE_SUMS = "SHA256SUMS"
 """The sha256 list at the top of a release folder; every file of a release is in it, so readers of a
 release write nothing into it."""
+MODEL_CARD = "MODEL_CARD.md"
+"""A release's model card, generated from its files."""
+CODE_INFO = "code.json"
+"""A release's code provenance: llm360's version, the git commit (and whether it was dirty), package versions."""
+CODE_SNAPSHOT_DIRS = ("code", "source", "src")
+"""Folders at the top of a release that hold a copy of the training code, when its publisher added one."""
+CODE_SNAPSHOT_ARCHIVES = ("code*.tar*", "code*.zip")
+"""The same as one archive file at the top of a release (glob patterns)."""
 
 
 def provenance_file(i: int) -> str:

@@ -5,7 +5,8 @@ The front: :func:`train` (what `llm360 train` runs), :class:`Trainer` (one run, 
 and :class:`TrainingStopped` (a guard's policy stopped training). One job per module: ``loop`` (the
 trainer), ``state`` (trainer_state.json), ``guards`` (decisions about a step), ``faults`` (the
 test hook that injects NaNs and spikes), ``checkpointing`` (live state to a checkpoint and back),
-``parallel`` (process groups, DDP/FSDP, sharded state), ``optim``, ``metrics`` and ``replay``.
+``parallel`` (process groups, DDP/FSDP, sharded state), ``optim``, ``metrics``, ``replay`` and
+``plan`` (memory per GPU, checkpoint and run time of a layout; `llm360 plan` and the start-up check).
 """
 
 from llm360.train.guards import TrainingStopped

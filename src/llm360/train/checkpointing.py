@@ -24,7 +24,7 @@ from llm360.model.llama import Llama
 from llm360.rundir import checkpoint as ckpt
 from llm360.rundir.checkpoint import read_trainer_state
 from llm360.rundir.data import DataStore
-from llm360.rundir.layout import RunDir
+from llm360.rundir.layout import CONFIG, TOKENIZER_DIR, RunDir
 from llm360.train.optim import build_optimizer
 from llm360.train.parallel import (
     DistInfo,
@@ -61,8 +61,8 @@ class Checkpointer:
         """Files every checkpoint of this run carries besides the state (constant for the run)."""
         eos = self.store.manifest.get("eos_id")
         # config.json for transformers, llm360_model.json for what it cannot hold (muP, unfolded here)
-        files = {**hf_metadata_files(self.mcfg, eos_token_id=eos), "config.yaml": to_yaml(self.cfg).encode()}
-        tok_dir = self.store.dir / "tokenizer"
+        files = {**hf_metadata_files(self.mcfg, eos_token_id=eos), CONFIG: to_yaml(self.cfg).encode()}
+        tok_dir = self.store.dir / TOKENIZER_DIR
         if tok_dir.is_dir():
             for f in sorted(tok_dir.iterdir()):
                 if f.is_file():

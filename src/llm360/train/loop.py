@@ -39,7 +39,7 @@ from llm360.rundir.layout import INIT, RunDir, ckpt_name, index_name, list_step_
 from llm360.train.checkpointing import Checkpointer
 from llm360.train.faults import FaultInjector
 from llm360.train.guards import GuardDecision, StepGuard, TrainingStopped
-from llm360.train.metrics import MetricsLogger, truncate_jsonl_from_step
+from llm360.train.metrics import MetricsLogger, rank_extremes, truncate_jsonl_from_step
 from llm360.train.optim import build_optimizer, lr_at, set_lr
 from llm360.train.parallel import (
     DistInfo,
@@ -54,13 +54,12 @@ from llm360.train.parallel import (
     same_on_every_rank,
     together,
 )
+from llm360.train.plan import device_peak_flops, startup_check
 from llm360.train.state import TrainState, run_identity
 
 __all__ = ["Trainer", "TrainingStopped", "set_determinism", "train"]
 
 logger = logging.getLogger(__name__)
-
-H100_BF16_PEAK_FLOPS = 989e12
 
 
 def set_determinism(on: bool) -> None:
@@ -112,10 +111,12 @@ class Trainer:
     def setup(self) -> None:
         """Everything before the first step; raises the user's errors before any weight is loaded.
 
-        Lock the run directory, find the checkpoint to resume from, open the data, plan the steps,
-        build the model and optimizer, resume (or initialise from ``init_from``), open the metrics,
-        parallelize.
+        Check the layout and the memory plan (:func:`llm360.train.plan.startup_check`), lock the run
+        directory, find the checkpoint to resume from, open the data, plan the steps, build the model
+        and optimizer, resume (or initialise from ``init_from``), open the metrics, parallelize.
         """
+        local = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun's ranks on this node
+        startup_check(self.cfg, self.info.world_size, int(local) if local else None, self.info.device)
         # What a rank reads alone (checkpoints, data) may fail on one rank only: a rank's error is
         # raised on every rank (`together`), and ranks that see different checkpoints stop, rather
         # than wait for each other in a collective or train from different states.
@@ -151,7 +152,7 @@ class Trainer:
         """Open the data to train on: ``--data``, else the data the run was trained on, else the run's."""
         if self._explicit_data is not None:
             d = self._explicit_data
-            data_dir = d / "data" if (d / "data" / "manifest.json").is_file() else d
+            data_dir = RunDir(d).data if RunDir(d).manifest.is_file() else d
         elif saved is not None and saved.data_dir:
             data_dir = Path(saved.data_dir)
         else:
@@ -187,7 +188,7 @@ class Trainer:
     def _build_model(self) -> None:
         """The model from the seed, its optimizer and a fresh state (what a resume then overwrites)."""
         self.checkpointer = Checkpointer(self.rd, self.info, self.cfg, self.mcfg, self.store)
-        set_determinism(self.tcfg.deterministic)
+        set_determinism(self.tcfg.deterministic_on(self.info.device.type))
         torch.manual_seed(self.tcfg.seed)
         self.model = Llama(self.mcfg).to(self.info.device)
         self.optimizer = build_optimizer(self.model, self.tcfg)
@@ -224,7 +225,7 @@ class Trainer:
         resuming = latest is not None and self.state.step < self.stop_step  # not when already finished
         if resuming and self.info.is_main:
             # steps after the checkpoint will run again: their lines go (before the writer opens the file)
-            dropped = truncate_jsonl_from_step(self.rd.metrics / "train.jsonl", self.state.step)
+            dropped = truncate_jsonl_from_step(self.rd.train_metrics, self.state.step)
         self.metrics = MetricsLogger(
             self.rd.metrics, self.tcfg, enabled=self.info.is_main, run_name=self.cfg.name,
             config=self.cfg.model_dump(mode="json"),
@@ -263,6 +264,7 @@ class Trainer:
             (lambda: torch.autocast(self.info.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         )
         self.flops_per_token = flops_per_token(self.mcfg, self.seq_len)
+        self.peak_flops = device_peak_flops(tcfg, self.info.device)  # None: no MFU (an unknown device)
 
     def _resume(self, latest: Path, saved: TrainState) -> None:
         if saved.run_id != self.run_id:
@@ -467,16 +469,22 @@ class Trainer:
         tcfg = self.tcfg
         tokens = tcfg.global_batch_sequences * self.seq_len
         tps = tokens / dt if dt > 0 else 0.0
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        on_cuda = self.info.device.type == "cuda"
+        cuda_mb = torch.cuda.max_memory_allocated(self.info.device) / 2**20 if on_cuda else None
+        # collective: every rank logs every step it runs
+        extremes = rank_extremes(dt, rss_mb if cuda_mb is None else cuda_mb, self.info)
         rec: dict[str, Any] = {
             "step": step, "chunk": chunk, "step_in_chunk": k, "tokens_seen": self.state.tokens_seen,
             "loss": loss, "grad_norm": gnorm, "lr": lr_at(step, tcfg, self.total_steps),
             "tokens_per_s": tps, "step_time_s": dt, "world_size": self.info.world_size,
             "rollbacks": self.state.rollbacks,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mb": rss_mb, **extremes,
         }
-        if self.info.device.type == "cuda":
-            rec["mfu"] = tps * self.flops_per_token / (H100_BF16_PEAK_FLOPS * self.info.world_size)
-            rec["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if self.peak_flops is not None:
+            rec["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.info.world_size)
+        if cuda_mb is not None:
+            rec["cuda_max_allocated_mb"] = cuda_mb
         self.metrics.log_step(rec)
         if self.info.is_main and (step % tcfg.log_every == 0 or k == n - 1):
             mfu = f"  mfu {rec['mfu']:.1%}" if "mfu" in rec else ""

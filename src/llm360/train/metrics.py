@@ -1,6 +1,7 @@
 """Where training numbers go: metrics/train.jsonl, metrics/events.jsonl, and optional sinks.
 
-Rank 0 writes; every number it writes was reduced over all ranks first. TensorBoard and W&B are
+Rank 0 writes; every number it writes was reduced over all ranks first (the step time and memory
+of the slowest, fastest and largest rank: :func:`rank_extremes`). TensorBoard and W&B are
 optional extras: asking for them without the package installed is a clear error, not a crash
 half-way through a run.
 """
@@ -17,6 +18,8 @@ from typing import Any
 from llm360.config import TrainConfig
 from llm360.errors import ConfigError
 from llm360.rundir.atomic import atomic_write_text
+from llm360.rundir.layout import EVENTS, TRAIN_METRICS
+from llm360.train.parallel import DistInfo
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,23 @@ def truncate_jsonl_from_step(path: Path, step: int) -> int:
     return dropped
 
 
+def rank_extremes(step_time_s: float, memory_mb: float, info: DistInfo) -> dict[str, float]:
+    """The slowest and the fastest rank's step time (s) and the largest rank's peak memory (MB).
+
+    One all-reduce (MAX) over the ranks -- a collective: every rank calls it at the same step. The
+    memory is what the caller measures (CUDA's max allocated, else the process's peak RSS).
+    """
+    if not info.enabled:
+        return {"step_time_max_s": step_time_s, "step_time_min_s": step_time_s, "memory_max_mb": memory_mb}
+    import torch
+    import torch.distributed as dist
+
+    x = torch.tensor([step_time_s, -step_time_s, memory_mb], dtype=torch.float64, device=info.device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    slowest, fastest, memory = x.tolist()
+    return {"step_time_max_s": slowest, "step_time_min_s": -fastest, "memory_max_mb": memory}
+
+
 _ROUTINE_EVENTS = {"resume", "init_from", "rows_unused"}
 """Events that are part of normal operation (logged at INFO); every other kind is a warning."""
 
@@ -83,8 +103,8 @@ class MetricsLogger:
         self.wandb = None
         if not enabled:
             return
-        self.train = JsonlWriter(metrics_dir / "train.jsonl")
-        self.events = JsonlWriter(metrics_dir / "events.jsonl")
+        self.train = JsonlWriter(metrics_dir / TRAIN_METRICS)
+        self.events = JsonlWriter(metrics_dir / EVENTS)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -67,9 +67,10 @@ def replay_chunk(
     Uses the run's ``config.yaml`` (step checkpoints, TensorBoard and W&B off), its ``data/`` and
     ``checkpoints/ckpt_{chunk-1}`` (none for chunk 0: the seed's weights). The re-trained run is
     built in ``work_dir`` (an empty or missing folder, kept) or in a temporary folder (deleted
-    before returning). ``device``: None runs on CPU in deterministic mode, else where training
-    would. Raises CheckpointError when ``ckpt_{chunk}`` or ``ckpt_{chunk-1}`` is missing, and
-    the trainer's errors (ConfigError, CheckpointError, DataError) when re-training fails.
+    before returning). ``device``: None runs on CPU when ``train.deterministic`` is true, else
+    where training would (with ``auto``, deterministic there only on CPU). Raises CheckpointError
+    when ``ckpt_{chunk}`` or ``ckpt_{chunk-1}`` is missing, and the trainer's errors (ConfigError,
+    CheckpointError, DataError) when re-training fails.
     """
     rd = RunDir(run_dir)
     target = rd.ckpt_dir(chunk)
@@ -82,14 +83,14 @@ def replay_chunk(
         "max_chunks": chunk + 1, "checkpoint_every_steps": None, "tensorboard": False, "wandb": "off"})})
     record = TrainingRecord.from_trainer_state(read_trainer_state(target), checkpoint=target)
     if device is None:
-        device = "cpu" if cfg.train.deterministic else None
+        device = "cpu" if cfg.train.deterministic is True else None  # auto: where training would run
     keep = work_dir is not None
     work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=f"llm360-replay-{index_name(chunk)}-"))
     try:
-        (work / "checkpoints").mkdir(parents=True)
+        RunDir(work).checkpoints.mkdir(parents=True)
         os.symlink(rd.data.resolve(), work / "data")
         if prev is not None:
-            shutil.copytree(prev, work / "checkpoints" / prev.name)
+            shutil.copytree(prev, RunDir(work).checkpoints / prev.name)
         init_state = None
         with Trainer(cfg, work, device=device, recorded=record) as trainer:
             trainer.setup()
@@ -103,14 +104,14 @@ def replay_chunk(
                 skipped = trainer.guard.recorded_skips
                 trainer.fit()
             on = trainer.info.device
-        replayed = work / "checkpoints" / target.name
+        replayed = RunDir(work).checkpoints / target.name
         logger.info("replayed chunk %s on %s", index_name(chunk), on)
         return ReplayResult(
             chunk=chunk,
             model_state=load_file(str(replayed / MODEL_FILE)),
             optimizer_state=load_file(str(replayed / OPTIMIZER_FILE)),
             init_state=init_state,
-            bitwise=bool(cfg.train.deterministic) and on.type == "cpu",
+            bitwise=cfg.train.deterministic_on(on.type) and on.type == "cpu",
             device=str(on),
             record=record,
             skipped_steps=tuple(sorted(skipped)),

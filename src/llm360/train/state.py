@@ -15,8 +15,10 @@ from llm360.config import RunConfig, stable_hash
 NON_NUMERIC_TRAIN_FIELDS = frozenset({
     "log_every", "tensorboard", "wandb", "wandb_project", "max_chunks", "checkpoint_every_steps",
     "compile", "activation_checkpointing", "micro_batch_sequences", "guards",
+    "shard_group_size", "tensor_parallel", "peak_tflops", "device_memory_gb", "checkpoint_shard_mb",
 })  # fmt: skip
-"""Train-config fields that do not change the numbers a run produces: they may differ on resume."""
+"""Train-config fields that do not change the numbers a run produces: they may differ on resume (the
+layout's degrees change only the order of reductions, as the world size does)."""
 
 
 @dataclass
