@@ -154,11 +154,42 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
-class _ScratchWatch:
-    """Samples the size of a run's scratch folder (``.prepare/`` less the data set being built) while it runs."""
+def _hwm_mb(pid: int) -> float:
+    """Peak RSS of one process (VmHWM: its own, unlike ru_maxrss, which a child inherits from its parent)."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir, self.peak, self._stop = run_dir, 0, threading.Event()
+
+def _descendants(root: int) -> list[int]:
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                parent[int(d)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+class _ScratchWatch:
+    """Samples, while a prepare runs, the size of its scratch folder (``.prepare/`` less the data set
+    being built) and the peak RSS of the process(es) running its tasks (``pid``'s workers, or ``pid``)."""
+
+    def __init__(self, run_dir: Path, pid: int | None = None) -> None:
+        self.run_dir, self.pid, self.peak, self.rss = run_dir, pid, 0, 0.0
+        self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
 
@@ -168,6 +199,9 @@ class _ScratchWatch:
             if scratch.is_dir():
                 build = sum(_folder_bytes(d) for d in scratch.glob("*/data-*"))
                 self.peak = max(self.peak, _folder_bytes(scratch) - build)
+            if self.pid is not None:
+                procs = _descendants(self.pid) or [self.pid]
+                self.rss = max([self.rss] + [_hwm_mb(p) for p in procs])
 
     def stop(self) -> int:
         self._stop.set()
@@ -176,7 +210,7 @@ class _ScratchWatch:
 
 
 _PREPARE = """
-import json, resource, sys, time
+import json, sys, time
 from llm360.config import validate_config
 from llm360.data.prepare import prepare
 cfg = validate_config(json.loads(open(sys.argv[1]).read()))
@@ -184,8 +218,6 @@ t = time.perf_counter()
 r = prepare(cfg, sys.argv[2], workers=int(sys.argv[3]), piece_bytes=int(sys.argv[4]))
 m = r.manifest
 print(json.dumps({"s": time.perf_counter() - t,
-                  "rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                   "tokens": sum(s["tokens_train_documents"] + s["tokens_valid_documents"] for s in m["sources"].values()),
                   "chunk_bytes": sum(f["bytes"] for k, f in m["files"].items() if k.startswith("chunk_"))}))
 """
@@ -197,9 +229,9 @@ def run_prepare(cfg: Path, run_dir: Path, workers: int, piece_bytes: int) -> dic
     env = dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    watch = _ScratchWatch(run_dir)
     p = subprocess.Popen([sys.executable, "-c", _PREPARE, str(cfg), str(run_dir), str(workers), str(piece_bytes)],
                          stdout=subprocess.PIPE, text=True, env=env)
+    watch = _ScratchWatch(run_dir, p.pid)
     out = p.stdout.read() if p.stdout else ""
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -208,7 +240,7 @@ def run_prepare(cfg: Path, run_dir: Path, workers: int, piece_bytes: int) -> dic
         raise SystemExit(f"prepare failed (exit {p.returncode})")
     res = json.loads(out.strip().splitlines()[-1])
     res["cpu"] = usage.ru_utime + usage.ru_stime
-    res["rss_task"] = res["rss_workers"] if workers > 1 else res["rss_self"]
+    res["rss_task"] = watch.rss
     res["scratch"] = scratch
     shutil.rmtree(run_dir, ignore_errors=True)
     return res
@@ -233,8 +265,8 @@ def procs():
                 fields = stat[stat.rindex(")") + 2:].split()
                 hwm = [l for l in open(f"/proc/{d}/status") if l.startswith("VmHWM")]
                 cmd = open(f"/proc/{d}/cmdline", "rb").read()
-                out[int(d)] = ((int(fields[11]) + int(fields[12])) / TICK,
-                               int(hwm[0].split()[1]) / 1024 if hwm else 0.0, b"default_worker" in cmd)
+                out[int(d)] = ((int(fields[11]) + int(fields[12])) / TICK,  # Ray titles its workers ray::...
+                               int(hwm[0].split()[1]) / 1024 if hwm else 0.0, cmd.startswith(b"ray::"))
             except (OSError, ValueError, IndexError):
                 pass
     return out
