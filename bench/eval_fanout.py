@@ -9,11 +9,17 @@ configuration runs both commands as a user would, in fresh processes, on a fresh
 - ``1 worker``:  ``--workers 1`` with one compute thread (OMP_NUM_THREADS=1): what one worker does;
 - ``2 workers``: ``--workers 2`` -- two worker processes of one compute thread each.
 
-Reported: seconds per configuration (median of the repeats), and the ratios 1 worker / 2 workers
-(how the fan-out scales) and today / 2 workers. Goal: >= 1.7x from 1 to 2 workers on 2 cores.
+Reported: wall seconds per configuration (median of the repeats), the CPU seconds its processes used
+(user + system), and the ratios 1 worker / 2 workers (how the fan-out scales) and today / 2 workers.
+Goal: >= 1.7x from 1 to 2 workers on 2 cores. On a machine whose cores are busy with other work the
+wall ratio cannot show it (two workers get no second core); the CPU seconds can: two workers doing the
+work of one in about the same CPU time scale to ~2 x (CPU of 1 worker) / (CPU of 2 workers) on two idle
+cores, which the last line prints as the projection.
 
     .venv/bin/python bench/eval_fanout.py                   # hidden 256, 4 layers, 1 repeat
     .venv/bin/python bench/eval_fanout.py --hidden 384 --repeats 2
+    llm360 run --run-dir runs/demo && .venv/bin/python bench/eval_fanout.py --run-dir runs/demo \
+        --tasks perplexity demo --rows 200 --skip-today       # the embedded default's 6 checkpoints
 """
 
 from __future__ import annotations
@@ -68,27 +74,39 @@ def build_run(root: Path, hidden: int, layers: int, seq_len: int) -> Path:
     return run
 
 
-def one(run: Path, work: Path, name: str, workers: int, threads: int | None, rows: int) -> float:
-    """Seconds of eval + memorization on a fresh copy of run."""
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a run without results (eval/, analysis/, report/, release/): what the commands compute."""
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d) == src and n in
+                                                       ("eval", "analysis", "report", "release")])  # fmt: skip
+    return dst
+
+
+def one(run: Path, work: Path, name: str, workers: int, threads: int | None, rows: int,
+        tasks: list[str]) -> tuple[float, float]:  # fmt: skip
+    """(wall seconds, CPU seconds of the processes) of eval + memorization on a fresh copy of run."""
+    import resource
+
     copy = work / name
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run, copy)
+    copy_run(run, copy)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cli = [sys.executable, "-m", "llm360.cli", "--no-progress"]
     sets = ["--set", "eval.device=cpu", "--set", "eval.perplexity_max_rows=512",
             "--set", "analysis.memorization.device=cpu", "--set", f"analysis.memorization.rows_per_chunk={rows}"]
-    cmds = [[*cli, "eval", "--run-dir", str(copy), "--tasks", "perplexity", "--workers", str(workers), *sets],
+    cmds = [[*cli, "eval", "--run-dir", str(copy), "--tasks", *tasks, "--workers", str(workers), *sets],
             [*cli, "analyze", "memorization", "--run-dir", str(copy), "--workers", str(workers), *sets]]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     for cmd in cmds:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     seconds = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(copy, ignore_errors=True)
-    return seconds
+    return seconds, (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
 
 
 def main() -> None:
@@ -98,23 +116,39 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rows", type=int, default=150, help="memorization rows per chunk")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--run-dir", type=Path, help="measure on this run's checkpoints instead of built ones")
+    ap.add_argument("--tasks", nargs="+", default=["perplexity"], help="eval tasks (default: perplexity)")
+    ap.add_argument("--skip-today", action="store_true", help="leave out the multi-threaded single process")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="llm360-bench-fanout-") as tmp:
         root = Path(tmp)
-        run = build_run(root, args.hidden, args.layers, args.seq_len)
-        print(f"6 checkpoints of a {args.hidden}-wide, {args.layers}-layer LLaMA, seq {args.seq_len}; "
-              f"memorization {args.rows} rows x 6 chunks; cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
-        configs = [("today", 1, None), ("1 worker", 1, 1), ("2 workers", 2, 1)]
+        if args.run_dir:
+            run = copy_run(args.run_dir, root / "run")
+            what = f"the checkpoints of {args.run_dir}"
+        else:
+            run = build_run(root, args.hidden, args.layers, args.seq_len)
+            what = f"6 checkpoints of a {args.hidden}-wide, {args.layers}-layer LLaMA, seq {args.seq_len}"
+        print(f"{what}; tasks {' '.join(args.tasks)}; memorization {args.rows} rows a chunk; cores {os.cpu_count()}, "
+              f"load {os.getloadavg()[0]:.1f}")
+        configs = [("today", 1, None), ("1 worker", 1, 1), ("2 workers", 2, 1)][1 if args.skip_today else 0 :]
         times: dict[str, list[float]] = {c[0]: [] for c in configs}
+        cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
         for r in range(args.repeats):
             for name, workers, threads in configs if r % 2 == 0 else configs[::-1]:
-                times[name].append(one(run, root, name.replace(" ", "_"), workers, threads, args.rows))
-                print(f"  {name:10s} {times[name][-1]:6.1f} s", flush=True)
+                wall, used = one(run, root, name.replace(" ", "_"), workers, threads, args.rows, args.tasks)
+                times[name].append(wall)
+                cpu[name].append(used)
+                print(f"  {name:10s} {wall:6.1f} s wall, {used:6.1f} CPU-s, load {os.getloadavg()[0]:.1f}", flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         for name in med:
-            print(f"{name:10s} {med[name]:6.1f} s")
-        print(f"1 worker / 2 workers: {med['1 worker'] / med['2 workers']:.2f}x; "
-              f"today / 2 workers: {med['today'] / med['2 workers']:.2f}x; load at the end {os.getloadavg()[0]:.1f}")
+            print(f"{name:10s} {med[name]:6.1f} s wall, {med_cpu[name]:6.1f} CPU-s")
+        line = f"1 worker / 2 workers: {med['1 worker'] / med['2 workers']:.2f}x wall"
+        if "today" in med:
+            line += f"; today / 2 workers: {med['today'] / med['2 workers']:.2f}x"
+        print(line + f"; load at the end {os.getloadavg()[0]:.1f}")
+        print(f"projection on 2 idle cores: 2 x {med_cpu['1 worker']:.1f} / {med_cpu['2 workers']:.1f} CPU-s = "
+              f"{2 * med_cpu['1 worker'] / med_cpu['2 workers']:.2f}x")
 
 
 if __name__ == "__main__":

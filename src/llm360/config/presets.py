@@ -88,7 +88,7 @@ def _preset_embedded() -> dict:
             "warmup_steps": 40,
             "log_every": 10,
         },
-        "eval": {"tasks": ["perplexity", "demo"], "perplexity_max_rows": 256},
+        "eval": {"tasks": ["perplexity", "demo"], "perplexity_max_rows": 128},
         "analysis": {
             "memorization": {"rows_per_chunk": 200},
             "contamination": {"tasks": ["llm360_demo_licence_mc", "llm360_demo_next_line_mc",

@@ -219,6 +219,8 @@ def package_modules() -> list[tuple[str, Path]]:
     found = []
     for path in PACKAGE_ROOT.rglob("*.py"):
         rel = path.relative_to(PACKAGE_ROOT).with_suffix("")
+        if any(p.startswith(".") for p in rel.parts):
+            continue  # editors' and tools' temporary files, never modules
         parts = [p for p in rel.parts if p != "__init__"] if rel.name == "__init__" else list(rel.parts)
         found.append((".".join(["llm360", *parts]), path))
     return sorted(found)

@@ -10,10 +10,11 @@ run by any :mod:`llm360.executor` (in-process, a local process pool, a Ray clust
    and its part of the documents table.
 2. **Plan** (here, once; :mod:`~llm360.data.prepare_plan`): prefix sums give document numbers and
    every block's place in each stage's stream; each stage's seeded permutation is computed once.
-3. **Scatter**, per piece (:mod:`~llm360.data.prepare_shuffle`): every row to its chunk's bucket.
+3. **Scatter**, per piece (:mod:`~llm360.data.prepare_shuffle`): every row to its chunk's bucket;
+   beside it, per source (:mod:`~llm360.data.prepare_tables`): the documents table, the snapshot
+   and the validation rows.
 4. **Reduce**, per chunk: rows placed, provenance sorted, ``chunk_NNN.npy``, ``provenance_NNN.npy``
-   and their sha256; per source (:mod:`~llm360.data.prepare_tables`): the documents table, the
-   snapshot and the validation rows.
+   and their sha256.
 5. **Manifest** (here; :mod:`~llm360.data.prepare_manifest`): built from the tasks' outputs and
    written last, then the whole data set is renamed to ``data/`` at once.
 

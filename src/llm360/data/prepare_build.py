@@ -129,11 +129,11 @@ class Build:
             write_positions(self._positions(st), data.seed, st)
         self._warn_small_valid(summaries)
 
-        scatter_results = self._scatter(plan, specs)
         out = self.build_root / f"data-{ph}"
         make_dirs(out)
         clean_leftovers(out)
-        chunks, tables = self._reduce(plan, specs, out)
+        scatter_results, tables = self._scatter(plan, specs, out)
+        chunks = self._reduce(plan, out)
         return self._finish(plan, pieces, summaries, scatter_results, chunks, tables, tok_dir, out)
 
     def _clean_scratch(self) -> None:
@@ -303,8 +303,19 @@ class Build:
             )
         return out
 
-    def _scatter(self, plan: dict, specs: list[list[MapSpec]]) -> list[dict]:
+    def _scatter(self, plan: dict, specs: list[list[MapSpec]], out: Path) -> tuple[list[dict], list[dict]]:
+        """Scatter every piece, and write every source's documents table beside it (both need only the
+        map outputs and the plan; a big source's table is the longest single task, so it starts first)."""
         self.scatter_specs = self._scatter_specs(plan, specs)
+        results = self.plan_dir / "results"
+        table_specs = [
+            TableSpec(name=src.name, snapshot=src.snapshot,
+                      parts=tuple((s.out, plan["pieces"][t][i]["doc_base"]) for i, s in enumerate(specs[t])),
+                      row_length=self.L, dtype=self.dtype.str, out_dir=str(out),
+                      result=str(results / f"table-{t:04d}.json"))
+            for t, src in enumerate(self.data.sources)
+        ]
+        tables = [Task(f"table:{s.name}", write_tables, (s,)) for s in table_specs if _done(Path(s.result)) is None]
         todo = {k: s for k, s in self.scatter_specs.items() if _done(Path(s.result)) is None}
         # a piece whose tokens a finished scatter of an earlier plan freed: map it again first
         again = {s.map_dir for s in todo.values() if not (Path(s.map_dir) / "tokens.bin").is_file()}
@@ -313,12 +324,14 @@ class Build:
         if len(todo) < len(self.scatter_specs):
             logger.info("reusing %d of %d finished scatter tasks", len(self.scatter_specs) - len(todo),
                         len(self.scatter_specs))
-        self.ex.run([Task(f"scatter:{specs[t][pi].piece.describe()}", scatter_piece, (s,))
-                     for (t, pi), s in sorted(todo.items())], progress_label="scattering rows", unit="pieces")
-        return [read_json(Path(s.result)) for s in self.scatter_specs.values()]
+        scatters = [Task(f"scatter:{specs[t][pi].piece.describe()}", scatter_piece, (s,))
+                    for (t, pi), s in sorted(todo.items())]
+        self.ex.run(tables + scatters, progress_label="scattering rows, writing documents tables", unit="tasks")
+        return ([read_json(Path(s.result)) for s in self.scatter_specs.values()],
+                [read_json(Path(s.result)) for s in table_specs])
 
     # ---------------------------------------------------------------------------- reduce
-    def _reduce(self, plan: dict, specs: list[list[MapSpec]], out: Path) -> tuple[list[dict], list[dict]]:
+    def _reduce(self, plan: dict, out: Path) -> list[dict]:
         names = tuple(plan["source_names"])
         by_stage: dict[int, list[str]] = {}
         for _, s in sorted(self.scatter_specs.items()):
@@ -335,21 +348,12 @@ class Build:
                     chunk=ci, stage=st["name"], rows=st["rows_per_chunk"], row_length=self.L,
                     dtype=self.dtype.str, source_names=names, scattered=str(listing),
                     out_dir=str(out), result=str(results / f"chunk-{ci:06d}.json")))
-        table_specs = [
-            TableSpec(name=src.name, snapshot=src.snapshot,
-                      parts=tuple((s.out, plan["pieces"][t][i]["doc_base"]) for i, s in enumerate(specs[t])),
-                      row_length=self.L, dtype=self.dtype.str, out_dir=str(out),
-                      result=str(results / f"table-{t:04d}.json"))
-            for t, src in enumerate(self.data.sources)
-        ]
         tasks = [Task(f"reduce:chunk_{s.chunk:03d}", reduce_chunk, (s,)) for s in reduce_specs
                  if _done(Path(s.result)) is None]
-        tasks += [Task(f"table:{s.name}", write_tables, (s,)) for s in table_specs if _done(Path(s.result)) is None]
-        done = len(reduce_specs) + len(table_specs) - len(tasks)
-        if done:
-            logger.info("reusing %d finished chunk and table tasks", done)
-        self.ex.run(tasks, progress_label="reducing chunks", unit="tasks")
-        return ([read_json(Path(s.result)) for s in reduce_specs], [read_json(Path(s.result)) for s in table_specs])
+        if len(tasks) < len(reduce_specs):
+            logger.info("reusing %d of %d finished chunks", len(reduce_specs) - len(tasks), len(reduce_specs))
+        self.ex.run(tasks, progress_label="reducing chunks", unit="chunks")
+        return [read_json(Path(s.result)) for s in reduce_specs]
 
     # ---------------------------------------------------------------------------- finish
     def _finish(self, plan: dict, pieces: list[list[Piece]], summaries: list[list[dict]], scattered: list[dict],

@@ -4,7 +4,7 @@
 written with a fixed header (no name, mtime 0) so equal content gives equal bytes: this task
 streams the pieces' parts into it in read order, filling in each line's document number from the
 piece's base. It is the only step whose time grows with a source's size (about 100 bytes of JSON
-per document through zlib at level 6, fed line by line), and it runs beside the chunks' reduce tasks.
+per document through zlib at level 6, fed line by line); it runs beside the scatter tasks.
 
 ``valid/<source>.npy``: the held-out documents' tokens, concatenated in read order and cut into
 rows of ``seq_len + 1``; what does not fill a last row is counted as dropped.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -230,12 +229,6 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 def tokenizer_hash(folder: Path) -> str:
     meta = json.loads((folder / TOKENIZER_META).read_text())
     return str(meta["sha256"])
-
-
-def worker_env_single_thread() -> None:
-    """In tokenizer worker processes, one thread each: the pool provides the parallelism."""
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 __all__ = [
