@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -105,3 +109,32 @@ def save_model_checkpoint(
 @pytest.fixture
 def small_cfg(tmp_path: Path):
     return small_config(tmp_path)
+
+
+@contextmanager
+def training_in_background(cfg, tmp: Path) -> Iterator[Path]:
+    """Prepare ``cfg`` into ``tmp/run`` and run ``llm360 train`` on it in a subprocess while the body runs.
+
+    Yields the run directory. On leaving, waits for the training (300 s at most; killed and raised
+    beyond that) and, when the body succeeded, asserts it exited 0 (its log in the message).
+    """
+    from llm360.config import to_yaml
+    from llm360.data.prepare import prepare
+
+    cfg_path, run, log = tmp / "train.yaml", tmp / "run", tmp / "train.log"
+    cfg_path.write_text(to_yaml(cfg))
+    prepare(cfg, run)
+    cmd = [sys.executable, "-m", "llm360.cli", "--no-progress", "train", str(cfg_path), "--run-dir", str(run)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            yield run
+        finally:
+            try:
+                rc = proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+    assert rc == 0, log.read_text()
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import save_model_checkpoint, small_config
+from conftest import save_model_checkpoint, small_config, training_in_background
 from llm360.config import ModelConfig, validate_config
 from llm360.data.prepare import prepare
 from llm360.errors import ConfigError
@@ -265,30 +265,14 @@ def test_watch_stops_after_idle_timeout_and_does_not_retry_failures_every_poll(r
 @pytest.mark.slow
 def test_watch_follows_a_real_training_process(tmp_path: Path):
     """`llm360 train` in another process writes checkpoints; watch mode evaluates each, then stops."""
-    import os
-    import subprocess
-    import sys
-
-    from llm360.config import to_yaml
-
     cfg = small_config(tmp_path, n_docs=60, chunks=3, seq_len=32)
     raw = cfg.model_dump(mode="json")
     raw["model"] = {"name": "tiny", "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}
     raw["train"] = {"global_batch_sequences": 8, "micro_batch_sequences": 4, "warmup_steps": 5, "lr": 3e-3}
     cfg = validate_config(raw)
-    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
-    run = tmp_path / "run"
-    prepare(cfg, run)
-    cmd = [sys.executable, "-m", "llm360.cli", "--no-progress", "train", str(tmp_path / "c.yaml"), "--run-dir", str(run)]
-    log = tmp_path / "train.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            table = evaluate(run, ["perplexity", MC], fast_cfg(watch_interval_s=0.2, watch_idle_timeout_s=120, limit=8),
-                             watch=True)  # fmt: skip
-        finally:
-            rc = proc.wait(timeout=300)
-    assert rc == 0, log.read_text()
+    with training_in_background(cfg, tmp_path) as run:
+        table = evaluate(run, ["perplexity", MC], fast_cfg(watch_interval_s=0.2, watch_idle_timeout_s=120, limit=8),
+                         watch=True)  # fmt: skip
     assert sorted(table.computed) == [(f"ckpt_{i:03d}", t) for i in range(3) for t in (MC, "perplexity")]
     ppl = [row["perplexity/overall"] for row in table.rows]
     assert ppl[2] < ppl[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import training_in_background
 from llm360.analysis.memorization import analyze_memorization
 from llm360.config import MemorizationConfig
 from llm360.data.prepare import prepare
@@ -200,30 +201,10 @@ def test_a_failing_pair_is_reported_and_the_others_finish(trained: Path, tmp_pat
 
 
 def test_watch_with_two_workers_evaluates_each_checkpoint_once(tmp_path: Path):
-    import os
-    import subprocess
-    import sys
-
-    from llm360.config import to_yaml
-
     cfg = tiny_run_config(tmp_path)
-    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
-    run = tmp_path / "run"
-    prepare(cfg, run)
-    cmd = [sys.executable, "-m", "llm360.cli", "--no-progress", "train", str(tmp_path / "c.yaml"), "--run-dir", str(run)]
-    log = tmp_path / "train.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            watch = EvalConfig(device="cpu", perplexity_max_rows=16, watch_interval_s=0.2, watch_idle_timeout_s=120.0)
-            table = evaluate(run, ["perplexity"], watch, watch=True, workers=2)
-        finally:
-            try:
-                rc = proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
-    assert rc == 0, log.read_text()
+    with training_in_background(cfg, tmp_path) as run:
+        watch = EvalConfig(device="cpu", perplexity_max_rows=16, watch_interval_s=0.2, watch_idle_timeout_s=120.0)
+        table = evaluate(run, ["perplexity"], watch, watch=True, workers=2)
     assert sorted(table.computed) == [(f"ckpt_{i:03d}", "perplexity") for i in range(3)]  # each once, by one watcher
     assert not table.failed
     assert not list((run / "eval" / ".claims").glob("*"))

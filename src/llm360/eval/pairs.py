@@ -280,7 +280,7 @@ def _compute(ctx: PairContext, pair: Pair, folder: Path, marker_sha: str) -> Pai
         logger.debug("%s/%s failed", name, spec.key, exc_info=True)
         return PairOutcome(name, spec.key, "failed", describe(e))
     seconds = time.perf_counter() - t0
-    state = _trainer_state(folder)
+    state = trainer_state(folder)
     payload.update({
         "format": RESULT_FORMAT, "version": 1, "checkpoint": name, "task": spec.key,
         "kind": spec.kind, "preset": spec.preset, "signature": signature(spec, cfg),
@@ -298,7 +298,8 @@ def _compute(ctx: PairContext, pair: Pair, folder: Path, marker_sha: str) -> Pai
     return PairOutcome(name, spec.key, "computed", path=str(path))
 
 
-def _trainer_state(folder: Path) -> dict[str, Any]:
+def trainer_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json, or {} when it is missing or unreadable (fields are optional here)."""
     try:
         state = read_json(folder / layout.TRAINER_STATE)
         return state if isinstance(state, dict) else {}

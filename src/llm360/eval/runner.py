@@ -32,7 +32,7 @@ from typing import Any
 
 from llm360.config import EvalConfig
 from llm360.errors import Llm360Error
-from llm360.eval.pairs import Pair, PairOutcome, claimed, context, evaluate_pair, signature
+from llm360.eval.pairs import Pair, PairOutcome, claimed, context, evaluate_pair, signature, trainer_state
 from llm360.eval.results import EvalTable, ItemError
 from llm360.eval.specs import TaskSpec, resolve_tasks
 from llm360.executor import Executor, Shard, Task, TaskError, make_executor, parse_shard
@@ -61,20 +61,12 @@ def list_models(run_dir: str | Path) -> list[Path]:
     return list_checkpoints(run_dir) + tuned
 
 
-def _trainer_state(folder: Path) -> dict[str, Any]:
-    try:
-        state = read_json(folder / layout.TRAINER_STATE)
-        return state if isinstance(state, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def training_finished(run_dir: str | Path) -> bool:
     """Whether the trainer has written its last checkpoint (the last chunk, or train.max_chunks')."""
     rd = RunDir(run_dir)
     ckpts = [p for _, p in layout.list_checkpoints(rd.checkpoints, complete_only=True)]
     if ckpts:
-        cursor = _trainer_state(ckpts[-1]).get("data_cursor") or {}
+        cursor = trainer_state(ckpts[-1]).get("data_cursor") or {}
         if "chunk" in cursor and cursor["chunk"] is None:  # the cursor is past the last step
             return True
     try:

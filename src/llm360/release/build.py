@@ -41,9 +41,18 @@ from pathlib import Path
 from llm360 import __version__
 from llm360.errors import RunDirError
 from llm360.log import progress
-from llm360.release.sums import SUMS, ReleaseError, format_sums, hash_files, read_sums, walk
+from llm360.release.sums import SUMS, ReleaseError, format_sums, hash_files, read_sums
 from llm360.rundir import atomic
-from llm360.rundir.layout import CONFIG, DCP_DIR, MARKER, RUN_CONTENT, STEPS_DIR, RunDir, list_checkpoints
+from llm360.rundir.layout import (
+    CONFIG,
+    DCP_DIR,
+    MARKER,
+    RUN_CONTENT,
+    STEPS_DIR,
+    RunDir,
+    list_checkpoints,
+    walk,
+)
 
 __all__ = ["SUMS", "ReleaseError", "code_provenance", "is_pickle", "read_sums", "release", "write_sums"]
 

@@ -17,11 +17,10 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from llm360.errors import Llm360Error
-from llm360.rundir.layout import RELEASE_SUMS
+from llm360.rundir.layout import RELEASE_SUMS, Listing
 
 SUMS = RELEASE_SUMS
 _BLOCK = 4 << 20  # bytes per read: large enough that syscalls cost nothing next to sha256
@@ -65,41 +64,6 @@ def read_sums(root: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ what is there
-
-
-@dataclass
-class Listing:
-    """A folder's entries, found without following symlinks; paths '/'-separated, relative to it."""
-
-    files: set[str] = field(default_factory=set)
-    """Regular files reached through real folders only: the ones that are safe to open."""
-    links: dict[str, str] = field(default_factory=dict)
-    """Symlinks (to files or folders; never followed) -> what they point to."""
-    other: set[str] = field(default_factory=set)
-    """Entries that are neither: FIFOs, sockets, devices (never opened: a FIFO would block)."""
-
-
-def walk(root: Path) -> Listing:
-    """Every entry under root (see :class:`Listing`); symlinked folders are listed, not entered."""
-    out = Listing()
-    stack: list[tuple[str, str]] = [(str(root), "")]
-    while stack:
-        cur, prefix = stack.pop()
-        with os.scandir(cur) as it:
-            for e in it:
-                rel = prefix + e.name
-                if e.is_symlink():
-                    try:
-                        out.links[rel] = os.readlink(e.path)
-                    except OSError:
-                        out.links[rel] = "?"
-                elif e.is_dir(follow_symlinks=False):
-                    stack.append((e.path, rel + "/"))
-                elif e.is_file(follow_symlinks=False):
-                    out.files.add(rel)
-                else:
-                    out.other.add(rel)
-    return out
 
 
 def link_target(root: Path, rel: str, listing: Listing) -> str:

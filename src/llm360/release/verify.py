@@ -36,13 +36,11 @@ from llm360.executor import Executor
 from llm360.log import progress
 from llm360.release.sums import (
     SUMS,
-    Listing,
     ReleaseError,
     entry_problem,
     hash_files,
     link_target,
     read_sums,
-    walk,
 )
 from llm360.rundir.layout import (
     CONFIG,
@@ -52,10 +50,12 @@ from llm360.rundir.layout import (
     OPTIMIZER_FILE,
     SOURCES_DIR,
     TRAINER_STATE,
+    Listing,
     RunDir,
     ckpt_name,
     data_manifest,
     index_name,
+    walk,
 )
 from llm360.utils import sha256_file
 

@@ -64,6 +64,7 @@ from llm360.rundir.layout import (
     list_checkpoints,
     list_step_checkpoints,
     step_name,
+    walk,
 )
 from llm360.rundir.optimizer_state import name_mismatch, names_by_id, optimizer_payload, optimizer_state_dict
 from llm360.rundir.rng_state import capture_rng, restore_rng, rng_from, rng_payload
@@ -183,25 +184,9 @@ def _check_rel_name(name: str) -> str:
 
 
 def _list_files(d: Path) -> tuple[set[str], list[str]]:
-    """(regular files, other entries) under d, as '/'-separated relative names; the marker excluded."""
-    files: set[str] = set()
-    odd: list[str] = []
-    stack: list[tuple[str, str]] = [(str(d), "")]
-    while stack:
-        cur, prefix = stack.pop()
-        with os.scandir(cur) as it:
-            for e in it:
-                rel = prefix + e.name
-                if e.is_symlink():
-                    odd.append(rel)
-                elif e.is_dir(follow_symlinks=False):
-                    stack.append((e.path, rel + "/"))
-                elif e.is_file(follow_symlinks=False):
-                    files.add(rel)
-                else:
-                    odd.append(rel)
-    files.discard(MARKER)
-    return files, odd
+    """(regular files, other entries: symlinks, FIFOs ...) under d, '/'-separated; the marker excluded."""
+    listing = walk(d)
+    return listing.files - {MARKER}, [*listing.links, *listing.other]
 
 
 def _listing_problems(d: Path, files: Mapping[str, Mapping[str, Any]]) -> list[str]:

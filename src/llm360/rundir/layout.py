@@ -27,8 +27,10 @@ top. Nothing here reads a file's content or imports torch, so the report can lis
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -421,3 +423,41 @@ CODE_SNAPSHOT_ARCHIVES = ("code*.tar*", "code*.zip")
 
 def provenance_file(i: int) -> str:
     return f"provenance_{index_name(i)}.npy"
+
+
+# ------------------------------------------------------------------------------ what is there
+
+
+@dataclass
+class Listing:
+    """A folder's entries, found without following symlinks; paths '/'-separated, relative to it."""
+
+    files: set[str] = field(default_factory=set)
+    """Regular files reached through real folders only: the ones that are safe to open."""
+    links: dict[str, str] = field(default_factory=dict)
+    """Symlinks (to files or folders; never followed) -> what they point to."""
+    other: set[str] = field(default_factory=set)
+    """Entries that are neither: FIFOs, sockets, devices (never opened: a FIFO would block)."""
+
+
+def walk(root: Path) -> Listing:
+    """Every entry under root (see :class:`Listing`); symlinked folders are listed, not entered."""
+    out = Listing()
+    stack: list[tuple[str, str]] = [(str(root), "")]
+    while stack:
+        cur, prefix = stack.pop()
+        with os.scandir(cur) as it:
+            for e in it:
+                rel = prefix + e.name
+                if e.is_symlink():
+                    try:
+                        out.links[rel] = os.readlink(e.path)
+                    except OSError:
+                        out.links[rel] = "?"
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, rel + "/"))
+                elif e.is_file(follow_symlinks=False):
+                    out.files.add(rel)
+                else:
+                    out.other.add(rel)
+    return out
