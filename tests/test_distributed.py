@@ -95,19 +95,14 @@ def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, pa
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
 
-    dcp_copy = tmp_path / "dist" / "checkpoints" / "dcp" / "ckpt_000"
-    assert (dcp_copy / "llm360_dcp.json").is_file() == (parallelism == "fsdp")
+    assert sorted(p.name for p in (tmp_path / "dist" / "checkpoints").iterdir()) == ["ckpt_000", "init"]
     if parallelism == "fsdp":
-        # chunk 1 on two ranks again: each reads its own shards from the sharded copy
+        # chunk 1 on two ranks again: each reads only its own blocks of ckpt_000
         raw["train"]["max_chunks"] = 2
         cfg_path.write_text(to_yaml(validate_config(raw)))
         torchrun(2, cfg_path, tmp_path / "dist")
         resume = [e for e in read_jsonl(tmp_path / "dist" / "metrics" / "events.jsonl") if e["event"] == "resume"]
         assert resume[-1]["sharded"] is True and resume[-1]["world_size"] == 2
-        from llm360.release.build import release
-
-        rel = release(tmp_path / "dist", tmp_path / "rel")
-        assert not (rel / "checkpoints" / "dcp").exists()
 
     # the rest of the run on ONE process, resuming the two-process checkpoint
     train(cfg, tmp_path / "dist")
@@ -124,22 +119,54 @@ def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, pa
 
 
 @pytest.mark.slow
+def test_four_rank_sharded_checkpoint_resumes_on_three_ranks_and_on_one(tmp_path: Path):
+    """FSDP on 4 ranks writes ckpt_000 in shards (every rank its own files); the run then goes on
+    from it on 3 ranks and, separately, on 1 process: both end where an uninterrupted run ends."""
+    cfg = tiny_run_config(tmp_path, parallelism="fsdp", checkpoint_shard_mb=0.02,  # 20 kB files
+                          global_batch_sequences=12, micro_batch_sequences=1)  # 12 splits over 4 and 3
+    raw = cfg.model_dump(mode="json")
+    raw["train"]["max_chunks"] = 1
+    first = tmp_path / "first.yaml"
+    first.write_text(to_yaml(validate_config(raw)))
+    rest = tmp_path / "rest.yaml"
+    rest.write_text(to_yaml(cfg))
+    prepare(cfg, tmp_path / "single")
+    train(cfg, tmp_path / "single")
+    prepare(cfg, tmp_path / "on3")
+    torchrun(4, first, tmp_path / "on3")
+    ck0 = tmp_path / "on3" / "checkpoints" / "ckpt_000"
+    assert len(list(ck0.glob("model-*-of-*.safetensors"))) >= 3 and (ck0 / "model.safetensors.index.json").is_file()
+    shutil.copytree(tmp_path / "on3", tmp_path / "on1", symlinks=True)
+    torchrun(3, rest, tmp_path / "on3")
+    train(cfg, tmp_path / "on1")
+    from llm360.rundir.checkpoint import load_model_state
+
+    ref = load_model_state(tmp_path / "single" / "checkpoints" / "ckpt_002")
+    for run, world, sharded in (("on3", 3, True), ("on1", 1, False)):
+        resume = [e for e in read_jsonl(tmp_path / run / "metrics" / "events.jsonl") if e["event"] == "resume"]
+        assert resume[-1]["world_size"] == world and resume[-1]["sharded"] is sharded
+        state = json.loads((tmp_path / run / "checkpoints" / "ckpt_002" / "trainer_state.json").read_text())
+        assert state["world_size_history"] == [4, world]
+        got = load_model_state(tmp_path / run / "checkpoints" / "ckpt_002")
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("policy", "nan_steps", "restored", "sharded"),
+    ("policy", "nan_steps", "restored", "earlier_launch"),
     [
-        # NaN inside chunk 1: back to ckpt_000, whose sharded copy holds the optimizer state
-        pytest.param("rollback_skip_chunk", "24", ["ckpt_000"], [True], id="skip_chunk-sharded_copy"),
-        # the same without the sharded copy (chunk 0 trained by an earlier launch, copy deleted):
-        # the optimizer state comes from the consolidated files
-        pytest.param("rollback_skip_chunk", "24", ["ckpt_000"], [False], id="skip_chunk-consolidated"),
-        # NaN inside chunk 0, then in chunk 1: back to init (consolidated only, empty optimizer
-        # state), then to ckpt_000 (sharded copy)
-        pytest.param("rollback_reseed", "2,24", ["init", "ckpt_000"], [False, True], id="reseed-init_then_copy"),
+        # NaN inside chunk 1: back to ckpt_000, each rank reading its blocks of it
+        pytest.param("rollback_skip_chunk", "24", ["ckpt_000"], False, id="skip_chunk"),
+        # the same with chunk 0 trained by an earlier launch
+        pytest.param("rollback_skip_chunk", "24", ["ckpt_000"], True, id="skip_chunk-earlier_launch"),
+        # NaN inside chunk 0, then in chunk 1: back to init (an empty optimizer state), then to ckpt_000
+        pytest.param("rollback_reseed", "2,24", ["init", "ckpt_000"], False, id="reseed-init_then_ckpt"),
     ],
 )
 def test_fsdp_rollback_restores_sharded_state_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, nan_steps: str, restored: list[str],
-    sharded: list[bool],
+    earlier_launch: bool,
 ):
     cfg = tiny_run_config(tmp_path, parallelism="fsdp", checkpoint_every_steps=4,
                           guards={"nonfinite_policy": policy})
@@ -149,20 +176,19 @@ def test_fsdp_rollback_restores_sharded_state_in_place(
     monkeypatch.setenv(INJECT_ENV, nan_steps)
     single = train(cfg, tmp_path / "single")
     prepare(cfg, tmp_path / "dist")
-    if sharded == [False]:  # an earlier launch trains chunk 0; its sharded copy goes
+    if earlier_launch:
         raw = cfg.model_dump(mode="json")
         raw["train"]["max_chunks"] = 1
         first_path = tmp_path / "first.yaml"
         first_path.write_text(to_yaml(validate_config(raw)))
         torchrun(2, first_path, tmp_path / "dist")
-        shutil.rmtree(tmp_path / "dist" / "checkpoints" / "dcp" / "ckpt_000")
     torchrun(2, cfg_path, tmp_path / "dist")  # inherits the injected steps
     monkeypatch.delenv(INJECT_ENV)
 
     run = tmp_path / "dist"
     events = [e for e in read_jsonl(run / "metrics" / "events.jsonl") if e["event"] == policy]
     assert [e["restored"] for e in events] == restored
-    assert [e["sharded"] for e in events] == sharded  # from checkpoints/dcp, or the consolidated files
+    assert all(e["sharded"] for e in events)  # each rank read its own blocks
     ck = run / "checkpoints"
     state = json.loads((ck / "ckpt_002" / "trainer_state.json").read_text())
     assert state["step"] == single["step"] and state["rollbacks"] == len(restored)
@@ -173,15 +199,14 @@ def test_fsdp_rollback_restores_sharded_state_in_place(
         opt0 = load_file(str(ck / "ckpt_000" / "optimizer.safetensors"))
         opt1 = load_file(str(ck / "ckpt_001" / "optimizer.safetensors"))
         assert opt0.keys() == opt1.keys() and all(torch.equal(opt0[k], opt1[k]) for k in opt0)
-        # the abandoned attempt's step checkpoints (inside chunk 1) are gone, their sharded copies with
-        # them; chunk 1's steps run between ckpt_000's and ckpt_001's
+        # the abandoned attempt's step checkpoints (inside chunk 1) are gone; chunk 1's steps run
+        # between ckpt_000's and ckpt_001's
         lo, hi = (json.loads((ck / c / "trainer_state.json").read_text())["step"] for c in ("ckpt_000", "ckpt_001"))
         assert lo < 24 < hi
         assert not [p for p in (ck / "steps").glob("step_*") if lo < int(p.name.split("_")[1]) < hi]
     else:
         assert state["chunk_reseeds"] == {"0": 1, "1": 1}
-    steps = sorted(p.name for p in (ck / "steps").glob("step_*"))
-    assert steps and sorted(p.name for p in (ck / "dcp").glob("step_*")) == steps
+    assert sorted(ck.glob("steps/step_*")) and not (ck / "dcp").exists()
     # the same training as one process with the same policy: the rollback restored the state
     w1, w2 = load_file(str(tmp_path / "single" / "checkpoints" / "ckpt_002" / "model.safetensors")), \
         load_file(str(ck / "ckpt_002" / "model.safetensors"))
@@ -209,7 +234,7 @@ def test_fsdp_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Path):
             while not (run / "checkpoints" / wait_for / "COMPLETE.json").exists() and proc.poll() is None:
                 assert time.monotonic() < deadline, f"{wait_for} never appeared"
                 time.sleep(0.05)
-            time.sleep(0.3)  # into the sharded copy's write or the next steps
+            time.sleep(0.3)  # into the next steps or the next save
         finally:
             if proc.poll() is None:
                 kill_tree(proc.pid)  # the agent and both workers, as a preempted node

@@ -415,17 +415,6 @@ def test_metrics_truncation_is_atomic(tmp_path: Path):
     assert truncate_jsonl_from_step(path, 3) == 0
 
 
-def test_sharded_copy_leftovers_are_removed(tmp_path: Path):
-    from llm360.rundir.atomic import temp_name
-    from llm360.train.parallel import remove_sharded_leftovers
-
-    dcp = tmp_path / "dcp"
-    for name in ("ckpt_000", temp_name("ckpt_001", pid=1), temp_name("ckpt_000", "old", pid=1)):
-        (dcp / name).mkdir(parents=True)
-    remove_sharded_leftovers(dcp)
-    assert sorted(p.name for p in dcp.iterdir()) == ["ckpt_000"]
-
-
 def test_replay_api_follows_the_record(tmp_path: Path):
     """replay_chunk re-trains a chunk from its previous checkpoint with the original run's decisions."""
     from llm360.rundir.data import DataStore

@@ -48,9 +48,9 @@ from llm360.executor import Shard, Task, TaskError, make_executor, parse_shard
 from llm360.log import ProgressTask
 from llm360.model.load import load_model, resolve_device
 from llm360.rundir.atomic import atomic_path, write_json
-from llm360.rundir.checkpoint import read_marker, verify_model_files
+from llm360.rundir.checkpoint import model_sha256, verify_model_files
 from llm360.rundir.data import DataStore, read_training_record
-from llm360.rundir.layout import MODEL_FILE, SUMMARY, RunDir, list_checkpoint_files, list_checkpoints
+from llm360.rundir.layout import SUMMARY, RunDir, list_checkpoint_files, list_checkpoints
 from llm360.utils import read_json
 
 __all__ = [  # the score itself is memorization_scores', here too for this module's callers
@@ -119,7 +119,7 @@ def check_complete(folder: Path) -> None:
 def _model_sha256(folder: Path) -> str | None:
     """The weights' sha256 as the checkpoint's marker lists it; None without a (valid) marker."""
     try:
-        return str(read_marker(folder)[MODEL_FILE]["sha256"])
+        return model_sha256(folder)
     except (CheckpointError, KeyError):
         return None
 

@@ -63,8 +63,8 @@ class TrainConfig(Section):
     """Dense bf16 peak of one device in TFLOP/s, the denominator of MFU; null: known GPUs by name (H100 SXM 989, A100 312, ...), else no MFU."""
     device_memory_gb: float | None = Field(None, gt=0.0)
     """Memory of one device in GB (1e9 bytes) that the start-up memory plan is checked against; null: the CUDA device's own, no check on CPU."""
-    checkpoint_shard_mb: int = Field(5000, ge=1)
-    """Largest safetensors file of a checkpoint in MB (1e6 bytes), as transformers' max_shard_size; the plan counts files and bytes per writing rank by it."""
+    checkpoint_shard_mb: float = Field(5000, gt=0)
+    """Largest safetensors file of a checkpoint in MB (1e6 bytes), as transformers' max_shard_size: a model above it is split into model-0000k-of-0000n.safetensors with an index (so is the optimizer state), files written by every rank at once."""
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also checkpoint every N steps inside a chunk (resumable, not a release checkpoint); null: only per chunk."""
     max_chunks: int | None = Field(None, ge=1)

@@ -45,7 +45,6 @@ from llm360.release.sums import SUMS, ReleaseError, format_sums, hash_files, rea
 from llm360.rundir import atomic
 from llm360.rundir.layout import (
     CONFIG,
-    DCP_DIR,
     MARKER,
     RUN_CONTENT,
     STEPS_DIR,
@@ -60,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 # What goes into a release, relative to the run directory.
 _INCLUDE_DIRS = tuple(name for name in RUN_CONTENT if name != CONFIG)
-_EXCLUDE_PARTS = {STEPS_DIR, DCP_DIR, "wandb", "__pycache__"}  # dcp: sharded resume copies (pickled metadata)
+_EXCLUDE_PARTS = {STEPS_DIR, "wandb", "__pycache__"}
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".distcp")
 
 

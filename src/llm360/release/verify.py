@@ -42,12 +42,11 @@ from llm360.release.sums import (
     link_target,
     read_sums,
 )
+from llm360.rundir.checkpoint import read_tensors
 from llm360.rundir.layout import (
     CONFIG,
     DATA_DIR,
     MANIFEST,
-    MODEL_FILE,
-    OPTIMIZER_FILE,
     SOURCES_DIR,
     TRAINER_STATE,
     Listing,
@@ -246,8 +245,6 @@ def _compare_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wha
 
 def replay_chunk(root: Path, i: int) -> dict:
     """Re-train chunk i of a release from its previous checkpoint; compare with ckpt_i."""
-    from safetensors.torch import load_file
-
     from llm360.train import replay_chunk as retrain_chunk
 
     rd = RunDir(root)
@@ -260,14 +257,14 @@ def replay_chunk(root: Path, i: int) -> dict:
     if replayed.skipped_chunk:
         result["skipped_chunk"] = True
     if replayed.init_state is not None and rd.init_checkpoint.is_dir():
-        _compare_tensors(replayed.init_state, load_file(str(rd.init_checkpoint / MODEL_FILE)),
+        _compare_tensors(replayed.init_state, read_tensors(rd.init_checkpoint),
                          "init weights (from the seed)", True, result["problems"])
     exact = replayed.bitwise
     result["mode"] = "bitwise" if exact else f"max abs diff <= {REPLAY_ATOL}"
     target = rd.ckpt_dir(i)
-    worst = _compare_tensors(replayed.model_state, load_file(str(target / MODEL_FILE)),
+    worst = _compare_tensors(replayed.model_state, read_tensors(target),
                              f"replay {i} weights", exact, result["problems"])
-    worst = max(worst, _compare_tensors(replayed.optimizer_state, load_file(str(target / OPTIMIZER_FILE)),
+    worst = max(worst, _compare_tensors(replayed.optimizer_state, read_tensors(target, "optimizer"),
                                         f"replay {i} optimizer state", exact, result["problems"]))
     result["max_abs_diff"] = worst
     return result

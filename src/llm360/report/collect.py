@@ -23,8 +23,6 @@ from llm360.rundir.layout import (
     CODE_SNAPSHOT_DIRS,
     DOCUMENTS_DIR,
     HF_CONFIG,
-    MODEL_FILE,
-    OPTIMIZER_FILE,
     PROVENANCE_GLOB,
     SOURCES_DIR,
     TRAINER_STATE,
@@ -34,6 +32,7 @@ from llm360.rundir.layout import (
     list_checkpoints,
     parse_ckpt_name,
 )
+from llm360.rundir.shards import part_paths
 from llm360.rundir.tensorio import read_header
 
 logger = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class Checkpoint:
     """Its ``COMPLETE.json`` marker is there (the hashes are not checked here: that is `llm360 verify`)."""
     model_dtypes: list[str] = field(default_factory=list)
     parameters: int | None = None
-    """Parameters stored in model.safetensors (from its header)."""
+    """Parameters stored in the weights files (from their headers)."""
     optimizer_tensors: int | None = None
 
 
@@ -194,25 +193,34 @@ def _safetensors_header(path: Path) -> dict[str, Any] | None:
 
 
 def _ckpt(path: Path, facts: RunFacts) -> Checkpoint:
+    try:
+        model_files, opt_files = part_paths(path, "model"), part_paths(path, "optimizer")
+    except CheckpointError as e:
+        facts.notes.append(f"{_rel(facts.root, path)}: {e}")
+        model_files, opt_files = [], []
     ck = Checkpoint(
         name=path.name, index=parse_ckpt_name(path.name), path=path,
-        has_model=(path / MODEL_FILE).is_file(), has_optimizer=(path / OPTIMIZER_FILE).is_file(),
-        complete=has_marker(path),
+        has_model=bool(model_files), has_optimizer=bool(opt_files), complete=has_marker(path),
     )  # fmt: skip
     if ck.has_model:
-        header = _safetensors_header(path / MODEL_FILE)
-        if header is None:
-            facts.notes.append(f"{_rel(facts.root, path / MODEL_FILE)}: header unreadable")
-        else:
-            tensors = [v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        tensors: list[dict] = []
+        for f in model_files:
+            header = _safetensors_header(f)
+            if header is None:
+                facts.notes.append(f"{_rel(facts.root, f)}: header unreadable")
+                tensors = []
+                break
+            tensors += [v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        if tensors:
             ck.model_dtypes = sorted({str(v.get("dtype")) for v in tensors})
             try:
                 ck.parameters = sum(math.prod(int(d) for d in v.get("shape", [])) for v in tensors)
             except (TypeError, ValueError):
-                facts.notes.append(f"{_rel(facts.root, path / MODEL_FILE)}: header has malformed shapes")
+                facts.notes.append(f"{_rel(facts.root, model_files[0])}: header has malformed shapes")
     if ck.has_optimizer:
-        header = _safetensors_header(path / OPTIMIZER_FILE)
-        ck.optimizer_tensors = None if header is None else sum(1 for k in header if k != "__metadata__")
+        headers = [_safetensors_header(f) for f in opt_files]
+        ck.optimizer_tensors = None if None in headers else sum(
+            1 for h in headers for k in h if k != "__metadata__")
     return ck
 
 

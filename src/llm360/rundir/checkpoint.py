@@ -42,6 +42,7 @@ import os
 import re
 import time
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,16 @@ from llm360.rundir.layout import (
     CHECKPOINT_FILES,
     MARKER,
     MODEL_FILE,
+    MODEL_INDEX,
     OPTIMIZER_FILE,
+    OPTIMIZER_INDEX,
     OPTIMIZER_META,
     RNG_FILE,
     RNG_META,
     STEPS_DIR,
     TRAINER_STATE,
     has_marker,
+    is_checkpoint_file,
     list_checkpoints,
     list_step_checkpoints,
     step_name,
@@ -68,6 +72,14 @@ from llm360.rundir.layout import (
 )
 from llm360.rundir.optimizer_state import name_mismatch, names_by_id, optimizer_payload, optimizer_state_dict
 from llm360.rundir.rng_state import capture_rng, restore_rng, rng_from, rng_payload
+from llm360.rundir.shards import (
+    DEFAULT_SHARD_BYTES,
+    ShardLayout,
+    SliceReader,
+    part_files,
+    tensor_bytes,
+    tensor_files,
+)
 from llm360.utils import read_json, sha256_file
 
 __all__ = [  # the file names are layout's, the RNG helpers rng_state's: here, with the format they belong to
@@ -75,7 +87,8 @@ __all__ = [  # the file names are layout's, the RNG helpers rng_state's: here, w
     "TRAINER_STATE", "capture_rng", "clean_leftovers", "latest_complete_checkpoint", "load_checkpoint",
     "load_model_state", "load_training_state", "marker_sha256", "read_marker", "read_trainer_state", "remove_checkpoint",
     "restore_rng", "save_checkpoint", "step_checkpoint_dir", "verify_checkpoint", "verify_model_files",
-    "RESUME_ONLY_FILES",
+    "RESUME_ONLY_FILES", "CheckpointContent", "checkpoint_content", "write_checkpoint_files", "seal_checkpoint",
+    "write_error", "verify_share", "open_slices", "read_tensors", "is_resume_only", "model_sha256",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -223,7 +236,7 @@ def _extra_payload(extra_files: Mapping[str, Any] | None) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for name, v in (extra_files or {}).items():
         _check_rel_name(name)
-        if name in CHECKPOINT_FILES or name.split("/")[0] in CHECKPOINT_FILES:
+        if is_checkpoint_file(name) or is_checkpoint_file(name.split("/")[0]):
             raise ValueError(f"extra file {name!r} collides with a checkpoint file ({sorted(CHECKPOINT_FILES)})")
         if isinstance(v, (bytes, bytearray, memoryview)):
             out[name] = bytes(v)
@@ -238,6 +251,128 @@ def _extra_payload(extra_files: Mapping[str, Any] | None) -> dict[str, bytes]:
     return out
 
 
+FileContent = Mapping[str, Tensor] | bytes
+"""What one checkpoint file holds: tensors (a safetensors file) or bytes as they are."""
+
+
+@dataclass
+class CheckpointContent:
+    """Everything one checkpoint holds, checked and serialised in memory before a byte is written.
+
+    ``model_state`` and ``optimizer_tensors`` may hold sharded tensors (DTensors: their global
+    shape is what :attr:`layout` plans with); :meth:`tensor_file` needs the full tensors of that
+    file. ``small_files`` are the rest (trainer and RNG state, ``optimizer.json``, the indexes,
+    the extra files): the writer of the checkpoint's first rank writes them.
+    """
+
+    model_state: Mapping[str, Tensor]
+    optimizer_tensors: Mapping[str, Tensor]
+    layout: ShardLayout
+    small_files: dict[str, FileContent]
+
+    def tensor_file(self, file: str, tensors: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The tensors of one of :attr:`layout`'s files, from ``tensors`` (default: the content's own)."""
+        if tensors is None:
+            tensors = {**self.model_state, **self.optimizer_tensors}
+        return {name: tensors[name] for name in self.layout.names_in(file)}
+
+
+def checkpoint_content(
+    *,
+    model_state: Mapping[str, Tensor],
+    trainer_state: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    param_names: nn.Module | Mapping[Any, str] | None = None,
+    rng_state: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> CheckpointContent:
+    """Check and serialise a checkpoint's content (:func:`save_checkpoint`'s arguments); nothing is written.
+
+    Raises ValueError/TypeError for bad arguments.
+    """
+    step = trainer_state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(
+            f"trainer_state['step'] must be the number of optimizer steps done (int >= 0), got {step!r}"
+        )
+    small: dict[str, FileContent] = {TRAINER_STATE: _json_payload(dict(trainer_state), "trainer_state")}
+    for name, t in model_state.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"model_state[{name!r}] is a {type(t).__name__}, not a tensor")
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise ValueError(
+                f"model_state[{name!r}] is {t.dtype}; checkpoints hold the fp32 master weights "
+                "(pass the fp32 model's state_dict, not a low-precision copy)"
+            )
+    opt_tensors: dict[str, Tensor] = {}
+    if optimizer is not None:
+        if param_names is None:
+            raise ValueError(
+                "save_checkpoint: with an optimizer, pass param_names (the model, or {param: name})"
+            )
+        opt_tensors, meta = optimizer_payload(optimizer, names_by_id(param_names))
+        small[OPTIMIZER_META] = _json_payload(meta, "optimizer hyperparameters/state")
+    rng_tensors, rng_meta = rng_payload(capture_rng() if rng_state is None else rng_state)
+    small[RNG_FILE] = rng_tensors
+    small[RNG_META] = _json_payload(rng_meta, "rng_state")
+    sizes = {n: tensor_bytes(t) for n, t in (*model_state.items(), *opt_tensors.items())}
+    layout = ShardLayout.plan(
+        [(n, sizes[n]) for n in model_state],
+        [] if optimizer is None else [(n, sizes[n]) for n in opt_tensors],
+        shard_bytes,
+    )
+    if optimizer is None:  # no optimizer: no optimizer file
+        layout = ShardLayout(layout.model, ())
+    small.update(layout.index_files(sizes))
+    small.update(_extra_payload(extra_files))
+    return CheckpointContent(model_state, opt_tensors, layout, small)
+
+
+def write_checkpoint_files(tmp: Path, files: Mapping[str, FileContent]) -> dict[str, dict[str, Any]]:
+    """Write files into a checkpoint's staging folder, hashing while writing and fsyncing each.
+
+    Returns ``{file name: {"sha256", "size"}}`` (the marker's entries). Any rank may write its own
+    files into the same folder; raises OSError as the disk does.
+    """
+    with tensorio.Pipeline() as pipe:
+        # Largest file first: its hash (the longest one) starts first, and its fsync runs while the
+        # others are written.
+        plans: dict[str, tensorio.Plan] = {}
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                plans[name] = tensorio.plan_bytes(content, pipe)
+            else:
+                plans[name] = tensorio.plan_safetensors(content, pipe)
+        for name, plan in sorted(plans.items(), key=lambda kv: -kv[1].size):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            tensorio.write_plan(tmp / name, plan, pipe)
+        records = {n: {"sha256": p.lane.hexdigest(), "size": p.lane.size} for n, p in sorted(plans.items())}
+        pipe.wait_syncs()  # every file is on disk before the caller may write the marker
+    return records
+
+
+def seal_checkpoint(tmp: Path, final_dir: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Write the marker over ``records`` (every file's entry, from every writer), fsync, rename in.
+
+    Call it once, after every file is written and synced (:func:`write_checkpoint_files` returned
+    on every writer). Raises ValueError if the records miss a file present in ``tmp`` or list one
+    that is not; OSError as the disk does.
+    """
+    present = walk(tmp).files
+    if set(records) != present:
+        raise ValueError(
+            f"checkpoint {final_dir}: the records of its writers ({len(records)} files) do not match the "
+            f"files written ({len(present)}): {sorted(set(records) ^ present)[:5]}"
+        )
+    files = {n: dict(records[n]) for n in sorted(records)}
+    with tensorio.Pipeline() as pipe:
+        tensorio.write_file(tmp / MARKER, [_marker_bytes(files)], pipe, None)
+        pipe.wait_syncs()
+    atomic.fsync_tree(tmp, files=False)  # the files are synced; their folders' entries now
+    atomic.install(tmp, final_dir)
+
+
 def save_checkpoint(
     final_dir: str | Path,
     *,
@@ -247,8 +382,9 @@ def save_checkpoint(
     param_names: nn.Module | Mapping[Any, str] | None = None,
     rng_state: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write a complete checkpoint to ``final_dir`` (replacing one that is there), or nothing.
+    """Write a complete checkpoint to ``final_dir`` (replacing one that is there), or nothing; one process.
 
     - ``model_state``: name -> tensor (the model's state_dict: Hugging Face names); floating-point
       tensors must be fp32 (the master weights). Any device; written contiguous, little-endian.
@@ -258,65 +394,28 @@ def save_checkpoint(
       optimizer state is stored by parameter name, so it loads into any parameter order.
     - ``rng_state``: a :func:`capture_rng` dict (default: captured now).
     - ``extra_files``: ``{relative name: bytes | text | Path to copy}``, e.g. ``config.json``.
+    - ``shard_bytes``: largest tensor file (:mod:`llm360.rundir.shards`); above it, several files.
 
-    Returns the final folder. Raises ValueError/TypeError for bad arguments before anything is
-    written; on any error the temporary folder is removed and an existing checkpoint is untouched.
+    Several processes write one checkpoint together through :func:`checkpoint_content`,
+    :func:`write_checkpoint_files` and :func:`seal_checkpoint` (``llm360.train.checkpointing``);
+    the bytes are the same. Returns the final folder. Raises ValueError/TypeError for bad arguments
+    before anything is written; on any error the temporary folder is removed and an existing
+    checkpoint is untouched.
     """
     final_dir = Path(final_dir)
     t0 = time.perf_counter()
-    # Everything that can be checked or serialised in memory is, before the disk is touched.
-    step = trainer_state.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(
-            f"trainer_state['step'] must be the number of optimizer steps done (int >= 0), got {step!r}"
-        )
-    trainer_json = _json_payload(dict(trainer_state), "trainer_state")
-    for name, t in model_state.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"model_state[{name!r}] is a {type(t).__name__}, not a tensor")
-        if t.is_floating_point() and t.dtype != torch.float32:
-            raise ValueError(
-                f"model_state[{name!r}] is {t.dtype}; checkpoints hold the fp32 master weights "
-                "(pass the fp32 model's state_dict, not a low-precision copy)"
-            )
-    opt_payload = None
-    if optimizer is not None:
-        if param_names is None:
-            raise ValueError(
-                "save_checkpoint: with an optimizer, pass param_names (the model, or {param: name})"
-            )
-        tensors, meta = optimizer_payload(optimizer, names_by_id(param_names))
-        opt_payload = tensors, _json_payload(meta, "optimizer hyperparameters/state")
-    rng_tensors, rng_meta = rng_payload(capture_rng() if rng_state is None else rng_state)
-    rng_json = _json_payload(rng_meta, "rng_state")
-    extras = _extra_payload(extra_files)
-
+    content = checkpoint_content(
+        model_state=model_state, trainer_state=trainer_state, optimizer=optimizer, param_names=param_names,
+        rng_state=rng_state, extra_files=extra_files, shard_bytes=shard_bytes,
+    )
+    files = {**{f: content.tensor_file(f) for f in content.layout.files}, **content.small_files}
     try:
-        with atomic.staged(final_dir) as tmp, tensorio.Pipeline() as pipe:
-            # Largest file first: its hash (the longest one) starts first, and its fsync runs while
-            # the others are written.
-            plans: dict[str, tensorio.Plan] = {}
-            if opt_payload is not None:
-                plans[OPTIMIZER_FILE] = tensorio.plan_safetensors(opt_payload[0], pipe)
-                plans[OPTIMIZER_META] = tensorio.plan_bytes(opt_payload[1], pipe)
-            plans[MODEL_FILE] = tensorio.plan_safetensors(model_state, pipe)
-            plans[TRAINER_STATE] = tensorio.plan_bytes(trainer_json, pipe)
-            plans[RNG_FILE] = tensorio.plan_safetensors(rng_tensors, pipe)
-            plans[RNG_META] = tensorio.plan_bytes(rng_json, pipe)
-            for name, data in extras.items():
-                plans[name] = tensorio.plan_bytes(data, pipe)
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            for name, plan in plans.items():
-                tensorio.write_plan(tmp / name, plan, pipe)
-            files = {n: {"sha256": p.lane.hexdigest(), "size": p.lane.size} for n, p in sorted(plans.items())}
-            pipe.wait_syncs()  # every data file is on disk before the marker exists
-            tensorio.write_file(tmp / MARKER, [_marker_bytes(files)], pipe, None)
-            pipe.wait_syncs()
-            atomic.fsync_tree(tmp, files=False)  # the files are synced; their folders' entries now
-            atomic.install(tmp, final_dir)
+        with atomic.staged(final_dir) as tmp:
+            records = write_checkpoint_files(tmp, files)
+            seal_checkpoint(tmp, final_dir, records)
     except OSError as e:  # disk full, permissions, I/O error: a clear message, nothing half-written
-        raise _write_error(final_dir, e) from e
-    total = sum(r["size"] for r in files.values())
+        raise write_error(final_dir, e) from e
+    total = sum(r["size"] for r in records.values())
     dt = time.perf_counter() - t0
     logger.debug(
         "saved checkpoint %s (%.2f GB in %.1f s, %.2f GB/s)", final_dir, total / 1e9, dt, total / 1e9 / dt
@@ -324,7 +423,7 @@ def save_checkpoint(
     return final_dir
 
 
-def _write_error(final_dir: Path, e: OSError) -> CheckpointError:
+def write_error(final_dir: Path, e: OSError) -> CheckpointError:
     where = f" ({e.filename})" if e.filename else ""
     return CheckpointError(
         f"cannot write checkpoint {final_dir}: {e.strerror or e}{where}. Nothing was replaced: the "
@@ -359,14 +458,21 @@ def verify_checkpoint(
     _read_verified(d, files, wanted=set(), known={**known, **(known_sha256 or {})})
 
 
-RESUME_ONLY_FILES = frozenset({OPTIMIZER_FILE, OPTIMIZER_META, RNG_FILE, RNG_META})
-"""Files of a checkpoint that only resuming training reads (evaluating or analysing a model does not)."""
+RESUME_ONLY_FILES = frozenset({OPTIMIZER_FILE, OPTIMIZER_INDEX, OPTIMIZER_META, RNG_FILE, RNG_META})
+"""Files of a checkpoint that only resuming training reads (evaluating or analysing a model does not);
+the optimizer's shards (``optimizer-0000k-of-0000n.safetensors``) too: :func:`is_resume_only`."""
 _verified_for_reading: set[tuple[str, str]] = set()
+
+
+def is_resume_only(name: str) -> bool:
+    """Whether only resuming training reads this file of a checkpoint (:data:`RESUME_ONLY_FILES`)."""
+    return name in RESUME_ONLY_FILES or (is_checkpoint_file(name) and name.startswith("optimizer-"))
 
 
 def verify_model_files(ckpt_dir: str | Path) -> str:
     """Verify, once per process, the files of a checkpoint that reading its model uses: every file
-    but :data:`RESUME_ONLY_FILES` (the weights, configs, tokenizer, trainer state) against the marker.
+    but the resume-only ones (:func:`is_resume_only`: the weights, configs, tokenizer, trainer state)
+    against the marker.
 
     Returns the marker's sha256 (which names the checkpoint's content). A checkpoint already
     verified by this process with the same marker is not hashed again; a re-saved one is.
@@ -375,19 +481,33 @@ def verify_model_files(ckpt_dir: str | Path) -> str:
     d = Path(ckpt_dir)
     key = (os.path.realpath(d), marker_sha256(d))
     if key not in _verified_for_reading:
-        verify_checkpoint(d, only=set(read_marker(d)) - RESUME_ONLY_FILES)
+        verify_checkpoint(d, only={n for n in read_marker(d) if not is_resume_only(n)})
         _verified_for_reading.add(key)
     return key[1]
 
 
+def verify_share(ckpt_dir: str | Path, rank: int, world: int) -> None:
+    """Rank ``rank``'s share of verifying a checkpoint that ``world`` ranks read together.
+
+    Every rank checks the marker, the listing and every file's size; the hashing is dealt out:
+    the marker's files, sorted, go round-robin (file j to rank ``j % world``), so the ranks hash
+    the checkpoint once between them. Raises CheckpointError as :func:`verify_checkpoint`: the
+    caller makes a failure on one rank a failure on all.
+    """
+    names = sorted(read_marker(ckpt_dir))
+    verify_checkpoint(ckpt_dir, only=names[rank::world])
+
+
 def _read_verified(
-    d: Path, files: Mapping[str, Mapping[str, Any]], wanted: set[str], known: Mapping[str, str] | None = None
+    d: Path, files: Mapping[str, Mapping[str, Any]], wanted: set[str], known: Mapping[str, str] | None = None,
+    listing: bool = True,
 ) -> dict[str, Tensor]:
     """Hash every listed file (but the ``known`` ones), keeping the bytes of the wanted ones.
 
-    Raises CheckpointError on any mismatch.
+    ``listing``: also check that the folder holds exactly the listed files (off when ``files`` is a
+    part of the marker). Raises CheckpointError on any mismatch.
     """
-    problems = _listing_problems(d, files)
+    problems = _listing_problems(d, files) if listing else []
     if problems:
         _fail(d, problems)
     known = known or {}
@@ -413,12 +533,14 @@ def _read_verified(
     return out
 
 
-def _read_wanted(d: Path, files: Mapping[str, Mapping[str, Any]], wanted: set[str]) -> dict[str, Tensor]:
+def _read_wanted(
+    d: Path, files: Mapping[str, Mapping[str, Any]], wanted: set[str], listing: bool = True
+) -> dict[str, Tensor]:
     """:func:`_read_verified`, after checking that the marker lists every wanted file."""
     absent = sorted(wanted - set(files))
     if absent:
         raise CheckpointError(f"checkpoint {d} has no {', '.join(absent)}; it cannot be loaded here")
-    return _read_verified(d, files, wanted)
+    return _read_verified(d, files, wanted, listing=listing)
 
 
 def _json_of(buf: Tensor, what: str) -> Any:
@@ -428,22 +550,89 @@ def _json_of(buf: Tensor, what: str) -> Any:
         raise CheckpointError(f"{what} is not valid JSON: {e}") from None
 
 
+def _model_files(d: Path, files: Mapping[str, Any]) -> list[str]:
+    names = part_files(files, d, MODEL_FILE, MODEL_INDEX)
+    if not names:
+        raise CheckpointError(f"checkpoint {d}: neither {MODEL_FILE} nor {MODEL_INDEX} is listed in {MARKER}")
+    return names
+
+
+def _optimizer_files(d: Path, files: Mapping[str, Any]) -> list[str]:
+    return part_files(files, d, OPTIMIZER_FILE, OPTIMIZER_INDEX)
+
+
+def _tensors_of(d: Path, bufs: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    """The tensors of one part of a checkpoint, read into ``bufs`` (the index, if any, is popped)."""
+    out: dict[str, Tensor] = {}
+    for name in names:
+        buf = bufs.pop(name)
+        if name.endswith(".safetensors"):
+            out.update(tensorio.parse_safetensors(buf, f"{d / name}"))
+    return out
+
+
 def load_model_state(ckpt_dir: str | Path) -> dict[str, Tensor]:
     """The weights of a checkpoint (name -> fp32 tensor on CPU), e.g. for evaluation or comparison.
 
-    Requires the marker and checks the weights file's sha256; the other files are not read (use
-    :func:`verify_checkpoint` to check the whole folder).
+    Requires the marker and checks the weights files' sha256 (one file, or the shards and their
+    index); the other files are not read (use :func:`verify_checkpoint` to check the whole folder).
     """
     d = Path(ckpt_dir)
     files = read_marker(d)
-    if MODEL_FILE not in files:
-        raise CheckpointError(f"checkpoint {d}: {MODEL_FILE} is not listed in {MARKER}")
+    names = _model_files(d, files)
+    bufs = _read_wanted(d, {n: files[n] for n in names}, set(names), listing=False)
+    return _tensors_of(d, bufs, names)
+
+
+def read_tensors(ckpt_dir: str | Path, part: str = "model") -> dict[str, Tensor]:
+    """Every tensor of one part (``"model"`` or ``"optimizer"``) of a checkpoint, its files *not* hashed.
+
+    For comparing a checkpoint just written by this process (a replay) with another; use
+    :func:`load_model_state` to read one that must be trusted. Raises CheckpointError.
+    """
+    d = Path(ckpt_dir)
+    files = read_marker(d)
+    names = _model_files(d, files) if part == "model" else _optimizer_files(d, files)
+    out: dict[str, Tensor] = {}
     with tensorio.Pipeline() as pipe:
-        buf, h = tensorio.read_file(d / MODEL_FILE, files[MODEL_FILE]["size"], pipe)
-        digest = h.hexdigest()
-    if digest != files[MODEL_FILE]["sha256"]:
-        _fail(d, [_hash_problem(MODEL_FILE, files[MODEL_FILE]["sha256"], digest)])
-    return tensorio.parse_safetensors(buf, f"{d / MODEL_FILE}")
+        for name in names:
+            if name.endswith(".safetensors"):
+                buf, _ = tensorio.read_file(d / name, files[name]["size"], pipe)
+                out.update(tensorio.parse_safetensors(buf, f"{d / name}"))
+    return out
+
+
+def model_sha256(ckpt_dir: str | Path) -> str:
+    """What names a checkpoint's weights, from its marker: the weights file's sha256 when it is one
+    file, else the sha256 of the sorted ``<sha256>  <file>`` lines of its shards and index.
+
+    Raises CheckpointError without a (valid) marker.
+    """
+    d = Path(ckpt_dir)
+    files = read_marker(d)
+    names = _model_files(d, files)
+    if names == [MODEL_FILE]:
+        return str(files[MODEL_FILE]["sha256"])
+    lines = "".join(f"{files[n]['sha256']}  {n}\n" for n in sorted(names))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def open_slices(ckpt_dir: str | Path) -> tuple[SliceReader, SliceReader | None, dict[str, Any] | None]:
+    """Readers of a checkpoint's weights and optimizer state (None without one) and its ``optimizer.json``.
+
+    For ranks that each read only the slices they hold. Nothing is hashed: verify first
+    (:func:`verify_share`). Raises CheckpointError naming what is missing or unreadable.
+    """
+    d = Path(ckpt_dir)
+    files = read_marker(d)
+    weights = SliceReader(d, tensor_files(files, d, MODEL_FILE, MODEL_INDEX))
+    if OPTIMIZER_META not in files:
+        return weights, None, None
+    try:
+        meta = read_json(d / OPTIMIZER_META)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d / OPTIMIZER_META} is unreadable: {e}") from None
+    return weights, SliceReader(d, tensor_files(files, d, OPTIMIZER_FILE, OPTIMIZER_INDEX)), meta
 
 
 def load_checkpoint(
@@ -468,17 +657,20 @@ def load_checkpoint(
     d = Path(ckpt_dir)
     t0 = time.perf_counter()
     files = read_marker(d)
-    wanted = {MODEL_FILE, TRAINER_STATE, RNG_FILE, RNG_META}
+    model_files = _model_files(d, files)
+    wanted = {*model_files, TRAINER_STATE, RNG_FILE, RNG_META}
+    opt_files: list[str] = []
     if optimizer is not None:
-        if strict or {OPTIMIZER_FILE, OPTIMIZER_META} <= set(files):
-            wanted |= {OPTIMIZER_FILE, OPTIMIZER_META}
+        if strict or OPTIMIZER_META in files:
+            opt_files = _optimizer_files(d, files) or [OPTIMIZER_FILE]
+            wanted |= {*opt_files, OPTIMIZER_META}
         else:
             logger.warning("checkpoint %s has no optimizer state; the optimizer is left as it is", d)
             optimizer = None
     bufs = _read_wanted(d, files, wanted)
 
     problems: list[str] = []
-    weights = tensorio.parse_safetensors(bufs.pop(MODEL_FILE), f"{d / MODEL_FILE}")
+    weights = _tensors_of(d, bufs, model_files)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -498,7 +690,7 @@ def load_checkpoint(
     try:  # the files verified, so a malformed structure means they were written by something else
         if optimizer is not None:
             names = names_by_id(model if param_names is None else param_names)
-            opt_tensors = tensorio.parse_safetensors(bufs.pop(OPTIMIZER_FILE), f"{d / OPTIMIZER_FILE}")
+            opt_tensors = _tensors_of(d, bufs, opt_files)
             opt_meta = _json_of(bufs.pop(OPTIMIZER_META), f"{d / OPTIMIZER_META}")
             opt_sd = optimizer_state_dict(optimizer, names, opt_tensors, opt_meta, strict, problems)
         trainer_state, rng_state = _training_state(d, bufs)
@@ -526,16 +718,20 @@ def _training_state(d: Path, bufs: dict[str, Tensor]) -> tuple[dict[str, Any], d
     return trainer_state, rng_state
 
 
-def load_training_state(ckpt_dir: str | Path) -> dict[str, Any]:
+def load_training_state(ckpt_dir: str | Path, *, verified: bool = False) -> dict[str, Any]:
     """Verify a checkpoint (every file hashed) and return its trainer and RNG state, not its tensors.
 
-    For a caller that restores weights and optimizer state from elsewhere (a sharded copy) and must
-    not hold a full-size copy of the model to do so. Returns :func:`load_checkpoint`'s dict.
+    For a caller that reads the tensors block by block itself (:func:`open_slices`) and must not
+    hold a full-size copy of the model to do so. ``verified``: the folder was just verified (each
+    rank its share, :func:`verify_share`); only the files read here are hashed. Returns
+    :func:`load_checkpoint`'s dict.
     """
     d = Path(ckpt_dir)
     files = read_marker(d)
     wanted = {TRAINER_STATE, RNG_FILE, RNG_META}
-    bufs = _read_wanted(d, files, wanted)
+    if verified:
+        files = {n: files[n] for n in wanted if n in files}
+    bufs = _read_wanted(d, files, wanted, listing=not verified)
     try:
         trainer_state, rng_state = _training_state(d, bufs)
     except (KeyError, TypeError, ValueError, AttributeError) as e:

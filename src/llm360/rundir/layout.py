@@ -54,12 +54,22 @@ MODEL_FILE = "model.safetensors"
 MODEL_INDEX = "model.safetensors.index.json"
 """The index of a model sharded into several safetensors files, as transformers writes it."""
 OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_INDEX = "optimizer.safetensors.index.json"
+"""The index of an optimizer state split into several files, in the model index's format."""
 OPTIMIZER_META = "optimizer.json"
 TRAINER_STATE = "trainer_state.json"
 RNG_FILE = "rng_state.safetensors"
 RNG_META = "rng_state.json"
-CHECKPOINT_FILES = frozenset({MARKER, MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META, TRAINER_STATE, RNG_FILE, RNG_META})
+CHECKPOINT_FILES = frozenset({
+    MARKER, MODEL_FILE, MODEL_INDEX, OPTIMIZER_FILE, OPTIMIZER_INDEX, OPTIMIZER_META, TRAINER_STATE, RNG_FILE, RNG_META,
+})  # fmt: skip
 """The names a checkpoint's state uses; extra files (config.json, ...) take other names."""
+_SHARD_RE = re.compile(r"(model|optimizer)-\d{5}-of-\d{5}\.safetensors")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether ``name`` is one of a checkpoint's state files (:data:`CHECKPOINT_FILES` or a shard of them)."""
+    return name in CHECKPOINT_FILES or _SHARD_RE.fullmatch(name) is not None
 HF_CONFIG = "config.json"
 """The Hugging Face config beside the weights (every checkpoint and fine-tuned model has one)."""
 MODEL_META = "llm360_model.json"
@@ -69,8 +79,6 @@ INIT = "init"
 """Checkpoint folder of the weights before the first step."""
 STEPS_DIR = "steps"
 """Sub-folder of ``checkpoints/`` holding the intra-chunk (``checkpoint_every_steps``) checkpoints."""
-DCP_DIR = "dcp"
-"""Sub-folder of ``checkpoints/`` holding each checkpoint's sharded copy (FSDP runs; never released)."""
 
 _CKPT_RE = re.compile(r"ckpt_(\d{3,})")
 _STEP_RE = re.compile(r"step_(\d{8,})")
@@ -244,11 +252,6 @@ class RunDir:
     def step_checkpoints(self) -> Path:
         """``checkpoints/steps``: the folder of the intra-chunk checkpoints."""
         return self.checkpoints / STEPS_DIR
-
-    @property
-    def sharded_copies(self) -> Path:
-        """``checkpoints/dcp``: the sharded copy of each checkpoint, under the checkpoint's name (FSDP runs)."""
-        return self.checkpoints / DCP_DIR
 
     # ----------------------------------------------------------------- what the later stages write
 

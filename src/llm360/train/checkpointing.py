@@ -1,42 +1,49 @@
 """How a training run's live state reaches a checkpoint and comes back, on any parallel layout.
 
-The loop decides *when* to checkpoint and builds the trainer state; the folder format is
-:mod:`llm360.rundir.checkpoint`'s; gathering and scattering shards is :mod:`llm360.train.parallel`'s.
-Here they meet: a save gathers an FSDP model to full tensors, rank 0 writes the consolidated
-checkpoint, and every rank adds its shards to the sharded copy ``checkpoints/dcp/<name>``; a restore
-(a rollback) reads the sharded copy when it holds the checkpoint's step, else the consolidated files.
+The loop decides *when* to checkpoint and builds the trainer state; the folder format, and how its
+tensors split into files, are :mod:`llm360.rundir.checkpoint`'s and :mod:`llm360.rundir.shards`'s;
+gathering shards is :mod:`llm360.train.parallel`'s. Here they meet:
+
+- a save: every rank computes the same content and file layout; each gathers the full tensors of
+  the files dealt to it (for a sharded model, one collective per tensor) and writes and hashes them
+  at once with the others, into the folder rank 0 staged; rank 0 adds the small files, then the
+  marker over every rank's records, last, and renames the folder in. The bytes are those a
+  single process writes (:func:`~llm360.rundir.checkpoint.save_checkpoint`).
+- a restore: for a sharded model every rank hashes its share of the files
+  (:func:`~llm360.rundir.checkpoint.verify_share`) and reads, of each tensor, only the block it
+  holds, whatever the world size that wrote it; an unsharded model loads the whole checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from llm360.config import ModelConfig, RunConfig, to_yaml
+from llm360.errors import CheckpointError
 from llm360.model.hf import hf_metadata_files
-from llm360.model.llama import Llama
+from llm360.rundir import atomic
 from llm360.rundir import checkpoint as ckpt
-from llm360.rundir.checkpoint import read_trainer_state
 from llm360.rundir.data import DataStore
 from llm360.rundir.layout import CONFIG, TOKENIZER_DIR, RunDir
-from llm360.train.optim import build_optimizer
+from llm360.rundir.optimizer_state import name_mismatch, names_by_id, optimizer_state_dict
+from llm360.rundir.shards import MB, SliceReader
 from llm360.train.parallel import (
     DistInfo,
     broadcast_object,
-    gather_full_state,
+    full_tensors,
+    gather_objects,
     is_sharded,
-    load_full_state,
-    load_sharded,
-    named_optimizer_state,
-    save_sharded,
-    sharded_copy_step,
+    local_block,
     together,
+    unwrap,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,72 +76,170 @@ class Checkpointer:
                     files[f.name] = f.read_bytes()
         return files
 
-    def dcp_dir(self, name: str) -> Path:
-        """checkpoints/dcp/<name>: the sharded copy of checkpoint <name> (FSDP runs)."""
-        return self.rd.sharded_copies / name
-
-    def has_sharded_copy(self, name: str, step: int) -> bool:
-        """Whether a complete sharded copy of checkpoint <name>, taken at ``step``, exists."""
-        return sharded_copy_step(self.dcp_dir(name)) == step
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.cfg.train.checkpoint_shard_mb * MB)
 
     def save(
         self, target: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
     ) -> None:
-        """Write checkpoint folder ``target`` (rank 0 writes; every rank waits for it), then its sharded copy.
+        """Write checkpoint folder ``target`` (:func:`save_together`); every rank calls it."""
+        t0 = time.perf_counter()
+        written = save_together(target, model, optimizer, trainer_state, self.info, extra_files=self.extra_files,
+                                shard_bytes=self.shard_bytes)
+        if self.info.is_main:
+            logger.info("saved %s (%.1fs; %d tensor files, rank 0 wrote %.2f GB)", target.relative_to(self.rd.root),
+                        time.perf_counter() - t0, len(written), sum(written.values()) / 1e9)
 
-        A failed write raises on every rank (a CheckpointError names the file).
-        """
-        if is_sharded(model):
-            model_state, full_opt, names = gather_full_state(model, optimizer)
+    def restore(
+        self, target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, strict: bool = True
+    ) -> dict[str, Any]:
+        """Load checkpoint ``target`` into the live model and optimizer (:func:`restore_together`)."""
+        res = restore_together(target, model, optimizer, self.info, strict=strict)
+        logger.info("restored %s%s", target.relative_to(self.rd.root),
+                    " on every rank, each reading its own blocks" if is_sharded(unwrap(model)) else "")
+        return res
+
+
+def save_together(
+    target: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict[str, Any],
+    info: DistInfo,
+    *,
+    extra_files: dict[str, bytes] | None = None,
+    shard_bytes: int,
+) -> dict[str, int]:
+    """Write checkpoint folder ``target`` from every rank at once; collective (every rank calls it).
+
+    Every rank builds the same content and file layout; gathers the full tensors of the files
+    dealt to it (:meth:`~llm360.rundir.shards.ShardLayout.files_of`), and writes and hashes those
+    files only, into the hidden folder rank 0 staged; rank 0 also writes the small files and, once
+    every rank has finished, the marker over all their records, then renames the folder in. A
+    failed write raises on every rank (a CheckpointError names the file) and replaces nothing; a
+    rank killed mid-save leaves the staged folder unsealed (no marker), which the next start
+    removes. Returns ``{file: bytes}`` of the tensor files this rank wrote.
+    """
+    model = unwrap(model)
+    content = ckpt.checkpoint_content(
+        model_state=model.state_dict(), trainer_state=trainer_state, optimizer=optimizer, param_names=model,
+        rng_state=ckpt.capture_rng(), extra_files=extra_files, shard_bytes=shard_bytes,
+    )
+    mine = content.layout.files_of(info.rank, info.world_size)
+    keep = {n for f in mine for n in content.layout.names_in(f)}
+    with torch.no_grad():  # collectives, in the same order on every rank
+        full = full_tensors({**content.model_state, **content.optimizer_tensors}, keep)
+    files: dict[str, ckpt.FileContent] = {f: content.tensor_file(f, full) for f in mine}
+    if info.is_main:
+        files.update(content.small_files)
+    records: dict[str, dict[str, Any]] = {}
+    with atomic.staged(target) if info.is_main else nullcontext(None) as staged:
+        tmp = Path(broadcast_object(None if staged is None else str(staged), info))
+        with together(info):  # a failed write on any rank stops every rank, before the marker
+            try:
+                records = ckpt.write_checkpoint_files(tmp, files)
+            except OSError as e:
+                raise ckpt.write_error(target, e) from e
+        everyone = gather_objects(records, info)
+        with together(info):
+            if info.is_main:
+                try:
+                    ckpt.seal_checkpoint(tmp, target, {k: v for r in everyone for k, v in r.items()})
+                except OSError as e:
+                    raise ckpt.write_error(target, e) from e
+    return {f: int(records[f]["size"]) for f in mine}
+
+
+def restore_together(
+    target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, info: DistInfo, *, strict: bool = True
+) -> dict[str, Any]:
+    """Load checkpoint ``target``'s weights, and its optimizer state unless ``optimizer`` is None; collective.
+
+    Unsharded, every rank verifies and loads the whole checkpoint. Sharded, the ranks verify it
+    together (each hashes its share of the files) and each reads only the block of every tensor
+    it holds, whatever the world size that saved it; no rank holds a full-size copy. Every name
+    and shape is checked before the live state is touched (on CheckpointError it is unchanged,
+    on every rank). ``strict=False`` skips names present on one side only (logged). Returns
+    :func:`~llm360.rundir.checkpoint.load_checkpoint`'s dict (trainer and RNG state).
+    """
+    model = unwrap(model)
+    if not is_sharded(model):
+        with together(info):
+            return ckpt.load_checkpoint(target, model, optimizer, strict=strict)
+    with together(info):
+        ckpt.verify_share(target, info.rank, info.world_size)
+    with together(info):
+        res = ckpt.load_training_state(target, verified=True)
+        load_blocks(target, model, optimizer, strict=strict)
+    return res
+
+
+def load_blocks(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, strict: bool) -> None:
+    """Read, of checkpoint ``target``, the block of every tensor this rank holds into model and optimizer.
+
+    No collective. The checkpoint must be verified (:func:`~llm360.rundir.checkpoint.verify_share`).
+    Raises CheckpointError listing every mismatch before anything is changed.
+    """
+    weights, opt_reader, meta = ckpt.open_slices(target)
+    problems: list[str] = []
+    state = model.state_dict()
+    saved = set(weights.weight_map)
+    missing, unexpected = sorted(set(state) - saved), sorted(saved - set(state))
+    if strict and (missing or unexpected):
+        problems.append(name_mismatch("weight names do not match the model", "missing from the checkpoint",
+                                       missing, "not in the model", unexpected))
+    elif missing or unexpected:
+        logger.warning("loading %s non-strictly: %d weights missing, %d unexpected", target, len(missing),
+                       len(unexpected))
+    names = sorted(set(state) & saved)
+    for name in names:
+        if weights.shape(name) != list(state[name].shape):
+            problems.append(f"weight {name} has shape {weights.shape(name)}, the model {list(state[name].shape)}")
+    opt_sd = None
+    if optimizer is not None:
+        if opt_reader is None or meta is None:
+            if strict:
+                problems.append("it holds no optimizer state")
+            else:
+                logger.warning("checkpoint %s has no optimizer state; the optimizer is left as it is", target)
         else:
-            model_state, full_opt, names = model.state_dict(), optimizer, model
-        with together(self.info):  # every rank waits for it; a failed write stops every rank
-            if self.info.is_main:
-                t0 = time.perf_counter()
-                ckpt.save_checkpoint(
-                    target,
-                    model_state=model_state,
-                    optimizer=full_opt,
-                    param_names=names,
-                    trainer_state=trainer_state,
-                    rng_state=ckpt.capture_rng(),
-                    extra_files=self.extra_files,
-                )
-                logger.info("saved %s (%.1fs)", target.relative_to(self.rd.root), time.perf_counter() - t0)
-        if is_sharded(model) and optimizer.state:
-            save_sharded(model, optimizer, self.dcp_dir(target.name), int(trainer_state["step"]), self.info)
+            by_id = names_by_id(model)
+            params = {by_id[id(p)]: p for p in model.parameters() if id(p) in by_id}
+            try:
+                tensors = _optimizer_blocks(opt_reader, params)
+                opt_sd = optimizer_state_dict(optimizer, by_id, tensors, meta, strict, problems)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"checkpoint {target}: optimizer.json does not have the expected structure "
+                                      f"({e!r})") from None
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise CheckpointError(f"checkpoint {target} does not fit this model; nothing was loaded:\n{lines}")
+    with torch.no_grad(), weights:
+        for name in names:
+            local, offsets, shape = local_block(state[name])
+            local.copy_(weights.read(name, offsets, shape))
+    if optimizer is not None and opt_sd is not None:
+        optimizer.load_state_dict(opt_sd)
 
-    def restore(self, target: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, bool]:
-        """Load checkpoint `target`'s weights and optimizer state into the live model and optimizer.
 
-        Unsharded, the checkpoint loads straight into them. Under FSDP every rank restores its own
-        shards in place: from the sharded copy checkpoints/dcp/<name> when one holds the target's
-        step (after verifying the consolidated checkpoint, which holds the trainer and RNG state),
-        otherwise from the consolidated files, read into a full-size CPU copy of the model and its
-        optimizer state and scattered. The consolidated checkpoint is verified (every file hashed)
-        either way, before the live state is touched. Returns :func:`~llm360.rundir.checkpoint.load_checkpoint`'s
-        dict (trainer and RNG state) and whether the state came from the sharded copy.
-        """
-        if not is_sharded(model):
-            with together(self.info):
-                res = ckpt.load_checkpoint(target, model, optimizer)
-            return res, False
-        # every rank must take the same path (rank 0's): the loads below are collectives
-        with together(self.info):
-            has_copy = self.has_sharded_copy(target.name, int(read_trainer_state(target).get("step", -1)))
-        from_copy = broadcast_object(has_copy, self.info)
-        if from_copy:  # verified, then each rank reads its own shards: no full-size copy anywhere
-            with together(self.info):
-                res = ckpt.load_training_state(target)
-            load_sharded(model, optimizer, self.dcp_dir(target.name))
-        else:
-            with torch.device("meta"):  # no initialisation: every value is overwritten by the load
-                full = Llama(self.mcfg)
-            full.to_empty(device="cpu")
-            full_opt = build_optimizer(full, self.cfg.train)
-            with together(self.info):
-                res = ckpt.load_checkpoint(target, full, full_opt)
-            load_full_state(model, optimizer, full.state_dict(), named_optimizer_state(full, full_opt))
-        logger.info("restored %s in place on every rank (%s)", target.relative_to(self.rd.root),
-                    "sharded copy" if from_copy else "consolidated files")
-        return res, from_copy
+def _optimizer_blocks(reader: SliceReader, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``{"<state>/<name>": tensor}``: of each state shaped like its parameter, this rank's block of it,
+    sharded as the parameter is; scalars (``step``) whole. A state of another shape is given as an
+    empty tensor of its shape (on the meta device), for the mismatch to be reported."""
+    out: dict[str, Tensor] = {}
+    with torch.no_grad(), reader:
+        for key in reader.weight_map:
+            name = key.partition("/")[2]
+            shape = reader.shape(key)
+            p = params.get(name)
+            if not shape:
+                out[key] = reader.read(key)
+            elif p is not None and shape == list(p.shape):
+                t = torch.zeros_like(p, requires_grad=False)
+                local, offsets, block = local_block(t)
+                local.copy_(reader.read(key, offsets, block))
+                out[key] = t
+            else:
+                out[key] = torch.empty(shape, device="meta")
+    return out

@@ -20,7 +20,8 @@ import math
 import os
 import resource
 import time
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -46,11 +47,8 @@ from llm360.train.parallel import (
     all_reduce_sum,
     barrier,
     init_distributed,
-    load_full_optimizer_state,
-    load_sharded,
-    named_optimizer_state,
+    is_sharded,
     parallelize,
-    remove_sharded_leftovers,
     same_on_every_rank,
     together,
 )
@@ -98,7 +96,8 @@ class Trainer:
         self.recorded = recorded
         self._explicit_data = Path(data_dir) if data_dir else None
         self.faults = FaultInjector.from_env()
-        self.sharded_resume = False
+        self.sharded_resume = False  # the checkpoint is read block by block, after fully_shard
+        self._deferred: tuple[Path, bool] | None = None  # (checkpoint, keep its optimizer state) to read then
         self._lock: IO[str] | None = None  # the run directory's lock, held by rank 0 while training
 
     def __enter__(self) -> Trainer:
@@ -138,7 +137,6 @@ class Trainer:
         """Rank 0: hold the run directory's lock (one training per run directory), clear leftovers."""
         if self.info.is_main and self.rd.root.is_dir():
             self._lock = hold_lock(self.rd.lock, "being trained")
-            remove_sharded_leftovers(self.rd.sharded_copies)
 
     def _find_checkpoint(self) -> tuple[Path | None, TrainState | None]:
         """The latest complete checkpoint and its trainer state (None, None: a new run)."""
@@ -198,10 +196,8 @@ class Trainer:
 
     def _start_from(self, latest: Path | None, saved: TrainState | None) -> None:
         """Resume from the latest checkpoint, or initialise from ``init_from``; then set the guards."""
-        if latest is not None:
-            fsdp = self.tcfg.parallelism == "fsdp" and self.info.enabled
-            self.sharded_resume = fsdp and self.checkpointer.has_sharded_copy(latest.name, saved.step)
-            same_on_every_rank(self.sharded_resume, f"sharded copy checkpoints/dcp/{latest.name}", self.info)
+        # Sharded, every rank reads only its blocks of the checkpoint, once fully_shard has made them
+        self.sharded_resume = self.tcfg.parallelism == "fsdp" and self.info.enabled
         with together(self.info):  # no collective inside
             if latest is not None:
                 self._resume(latest, saved)
@@ -247,16 +243,16 @@ class Trainer:
     def _parallelize(self, latest: Path | None) -> None:
         """DDP or FSDP2 (the optimizer state moved over to the shards), compile, autocast."""
         tcfg = self.tcfg
-        named_opt = None
-        if tcfg.parallelism == "fsdp" and self.info.enabled:
-            named_opt = named_optimizer_state(self.model, self.optimizer)
         self.train_model = parallelize(self.model, tcfg.parallelism, self.info, tcfg.activation_checkpointing)
-        if named_opt is not None:  # FSDP2 replaced the parameters by shards: a new optimizer over them
+        if self.sharded_resume:  # FSDP2 replaced the parameters by shards: a new optimizer over them
             self.optimizer = build_optimizer(self.model, tcfg)
-            if self.sharded_resume:
-                load_sharded(self.model, self.optimizer, self.checkpointer.dcp_dir(latest.name))
-            else:
-                load_full_optimizer_state(self.model, self.optimizer, named_opt)
+        if self._deferred is not None:  # now each rank reads its own blocks
+            target, keep_optimizer = self._deferred
+            with nullcontext() if latest is not None else self._initialising_from(target):
+                res = self.checkpointer.restore(target, self.model, self.optimizer if keep_optimizer else None)
+            if latest is not None:
+                ckpt.restore_rng(res["rng_state"])
+            self._deferred = None
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
         use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and self.info.device.type == "cuda")
@@ -273,23 +269,31 @@ class Trainer:
                 f"config: run id {saved.run_id[:12]} vs {self.run_id[:12]}). Use a new --run-dir, or "
                 f"--init-from {latest} to start a new run from it. Compare with {latest / 'config.yaml'}."
             )
-        # with a sharded copy the optimizer state comes from it, shard by shard, after fully_shard
-        opt = None if self.sharded_resume else self.optimizer
-        res = ckpt.load_checkpoint(latest, self.model, opt, strict=opt is not None)
-        ckpt.restore_rng(res["rng_state"])
         self.state = saved
+        if self.sharded_resume:
+            self._deferred = (latest, True)
+        else:
+            res = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+            ckpt.restore_rng(res["rng_state"])
         logger.info("resuming from %s at step %d%s", latest, saved.step,
-                    " (sharded state from checkpoints/dcp)" if self.sharded_resume else "")
+                    " (each rank reading its own blocks)" if self.sharded_resume else "")
+
+    @contextmanager
+    def _initialising_from(self, src: Path) -> Iterator[None]:
+        try:
+            yield
+        except CheckpointError as e:
+            hint = "" if self.reset_optimizer else " (to keep only its weights, add --reset-optimizer)"
+            raise CheckpointError(f"cannot initialise from {src}: {e}{hint}") from None
 
     def _init_from(self, src: Path) -> None:
         if not src.is_dir():
             raise CheckpointError(f"--init-from {src}: no such checkpoint folder")
-        opt = None if self.reset_optimizer else self.optimizer
-        try:
-            ckpt.load_checkpoint(src, self.model, opt)
-        except CheckpointError as e:
-            hint = "" if opt is None else " (to keep only its weights, add --reset-optimizer)"
-            raise CheckpointError(f"cannot initialise from {src}: {e}{hint}") from None
+        if self.sharded_resume:
+            self._deferred = (src, not self.reset_optimizer)
+        else:
+            with self._initialising_from(src):
+                ckpt.load_checkpoint(src, self.model, None if self.reset_optimizer else self.optimizer)
         self.state.init_from = {
             "checkpoint": str(src.resolve()),
             "marker_sha256": ckpt.marker_sha256(src),
@@ -321,18 +325,16 @@ class Trainer:
         """Restore the state before `chunk` and skip or reseed it, as the decision says."""
         target = self.rd.ckpt_dir(chunk - 1) if chunk > 0 else self.rd.init_checkpoint
         rollbacks = self.state.rollbacks + 1
-        res, sharded = self.checkpointer.restore(target, self.model, self.optimizer)
+        res = self.checkpointer.restore(target, self.model, self.optimizer)
+        sharded = is_sharded(self.model)
         ckpt.restore_rng(res["rng_state"])
         self.state = TrainState.from_json(res["trainer_state"])
         self.state.rollbacks = rollbacks
-        # intra-chunk checkpoints of the abandoned attempt must never be resumed from. Their sharded
-        # copies go first: a copy left without its consolidated checkpoint could later pass for the
-        # copy of a new checkpoint of the same step whose own copy a kill prevented.
+        # intra-chunk checkpoints of the abandoned attempt must never be resumed from
         if self.info.is_main:
-            for folder in (self.rd.sharded_copies, self.rd.step_checkpoints):
-                for step, stale in list_step_checkpoints(folder):
-                    if step > self.state.step:
-                        ckpt.remove_checkpoint(stale)
+            for step, stale in list_step_checkpoints(self.rd.step_checkpoints):
+                if step > self.state.step:
+                    ckpt.remove_checkpoint(stale)
         barrier(self.info)
         restored = {"restored": target.name, "sharded": sharded}
         first = int(self.index.first_step[chunk])

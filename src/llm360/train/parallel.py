@@ -1,9 +1,8 @@
 """Parallelism, applied to the model from outside (the model has none), and the state it shards.
 
 Process groups and collectives (:func:`init_distributed`, :func:`together`, ...); DDP, FSDP2 and
-activation checkpointing (:func:`parallelize`); gathering sharded state into full tensors and
-scattering it back (the consolidated checkpoint stays the one format); and the sharded copies
-under ``checkpoints/dcp`` that let an FSDP run resume without a full-size copy anywhere.
+activation checkpointing (:func:`parallelize`); and, for checkpoints, gathering a sharded tensor's
+full value and finding the block of a tensor a rank holds.
 
 Under ``torchrun`` each process reads RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on GPU.
 Without torchrun everything here is a no-op with world size 1.
@@ -11,21 +10,19 @@ Without torchrun everything here is a no-op with world size 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llm360.errors import CheckpointError, ConfigError, DataError, Llm360Error, RunDirError
 from llm360.model.load import resolve_device
-from llm360.rundir.atomic import atomic_write_text, fsync_tree, install, is_leftover, remove_tree, staged
 
 logger = logging.getLogger(__name__)
 
@@ -168,156 +165,45 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and not hasattr(model, "lm_head") else model
 
 
-# ------------------------------------------------------------------------ FSDP2 state dicts
-# Checkpoints stay one consolidated format (safetensors keyed by parameter name) whatever the
-# parallelism: FSDP shards are gathered to full tensors on save and scattered again on load. That
-# keeps every file pickle-free (torch.distributed.checkpoint's .metadata is a pickle) and makes
-# resuming on a different world size the ordinary case.
+# ------------------------------------------------------------------------ sharded tensors
+# A checkpoint holds full tensors under their parameter names whatever the layout
+# (:mod:`llm360.rundir.shards`): a save gathers, tensor by tensor, the full value of what each rank
+# writes; a load copies into each rank's block of a tensor the same block of the file's.
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """{"state": {name: state}, "param_groups": [{hyperparameters, "params": [names]}]} of a plain model."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    state = {names[id(p)]: dict(st) for p, st in optimizer.state.items() if id(p) in names}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
+def full_tensors(tensors: Mapping[str, torch.Tensor], keep: Collection[str]) -> dict[str, torch.Tensor]:
+    """The full value of the tensors named in ``keep`` (in host memory for a sharded one); the rest dropped.
 
-
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> None:
-    """Scatter a full, name-keyed optimizer state into the optimizer of a sharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    if not named["state"]:
-        return
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
-
-
-def load_full_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor], named: dict
-) -> None:
-    """Every rank: set full model state and a full, name-keyed optimizer state into a sharded model, in place.
-
-    model_state maps parameter names to full tensors (on any device); named is
-    :func:`named_optimizer_state`'s format. An empty optimizer state (a checkpoint saved before the
-    first step) empties the optimizer's state; only the param groups' hyperparameters are taken.
+    Collective when ``tensors`` holds DTensors: every rank passes the same names in the same order
+    and takes part in gathering each one (its own ``keep`` may differ). A plain tensor is returned
+    as it is, not copied.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    if len(named["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(
-            f"the optimizer state has {len(named['param_groups'])} param groups, the optimizer "
-            f"{len(optimizer.param_groups)}"
-        )
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
-    if named["state"]:
-        load_full_optimizer_state(model, optimizer, named)
-        return
-    optimizer.state.clear()
-    for group, saved in zip(optimizer.param_groups, named["param_groups"], strict=True):
-        group.update({k: v for k, v in saved.items() if k != "params"})
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            full = t.full_tensor()
+            if name in keep:
+                out[name] = full.detach().cpu()
+            del full
+        elif name in keep:
+            out[name] = t.detach()
+    return out
 
 
-def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, torch.optim.Optimizer, dict]:
-    """Full model state dict, and an AdamW over full CPU tensors holding the full optimizer state.
+def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(this rank's local tensor, its offset in the full tensor, its shape): the whole of a plain tensor."""
+    if isinstance(t, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    Collective: every rank must call it; only rank 0's return values are complete.
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    if optimizer.state:
-        osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    else:
-        # get_optimizer_state_dict would initialise an empty state with a zero-lr step, which
-        # advances AdamW's step count and so changes every later update: save the empty state as is.
-        names = {id(p): n for n, p in model.named_parameters()}
-        osd = {"state": {}, "param_groups": [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-            for g in optimizer.param_groups]}
-    if not msd:
-        return {}, optimizer, {}
-    params = {n: torch.nn.Parameter(t, requires_grad=False) for n, t in msd.items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[n] for n in g["params"]]}
-              for g in osd["param_groups"]]
-    full_opt = type(optimizer)(groups)
-    for n, st in osd["state"].items():
-        full_opt.state[params[n]] = st
-    return msd, full_opt, {id(p): n for n, p in params.items()}
+        shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return t.to_local(), tuple(offsets), tuple(shape)
+    return t, (0,) * t.ndim, tuple(t.shape)
 
 
-# ------------------------------------------------------------- sharded copies (resume accelerator)
-# Beside the consolidated files, an FSDP run also writes its sharded state with
-# torch.distributed.checkpoint to checkpoints/dcp/<name>/: each rank writes and later reads only its
-# own shards, so resuming a large run needs no rank to hold the full optimizer state. These copies
-# are not part of a release (DCP's .metadata is a pickle); the consolidated checkpoint stays the
-# record, and is what a resume on another setup, or without the copy, reads.
-DCP_MARKER = "llm360_dcp.json"
-
-
-def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, step: int, info: DistInfo) -> None:
-    """Every rank: write the sharded model + optimizer state to folder, complete or absent.
-
-    Rank 0 stages a hidden folder beside ``folder`` (:func:`llm360.rundir.atomic.staged`) and tells
-    the others its name; every rank writes its own shards there (DCP fsyncs each file); after a
-    barrier rank 0 writes the marker, fsyncs the folders and renames it in
-    (:func:`llm360.rundir.atomic.install`: an older copy of the same name is moved aside first and
-    deleted only once the new one is in place). Collective: every rank must call it.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    with (staged(folder) if info.is_main else nullcontext(None)) as tmp:
-        tmp = Path(broadcast_object(None if tmp is None else str(tmp), info))
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-        barrier(info)
-        if info.is_main:
-            atomic_write_text(tmp / DCP_MARKER, json.dumps({"step": step, "world_size": info.world_size}) + "\n")
-            fsync_tree(tmp, files=False)
-            install(tmp, folder)
-        barrier(info)
-
-
-def remove_sharded_leftovers(folder: Path) -> None:
-    """Delete what interrupted sharded-copy writes left in folder (``checkpoints/dcp``).
-
-    Call it from rank 0 while it holds the run directory's lock and before any save, so nothing
-    there is being written. A copy moved aside by an interrupted replace is deleted, not restored: a
-    copy only speeds a resume up, and one restored under a name whose consolidated checkpoint was
-    saved again since could pass for the new one's.
-    """
-    if not folder.is_dir():
-        return
-    for e in sorted(folder.iterdir()):
-        if is_leftover(e.name):
-            logger.warning("removing %s, left by an interrupted save of a sharded copy", e)
-            remove_tree(e)
-
-
-def sharded_copy_step(folder: Path) -> int | None:
-    """The optimizer step a complete sharded copy holds, or None."""
-    try:
-        return int(json.loads((folder / DCP_MARKER).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Every rank: read its shards of model and optimizer state from a sharded copy."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+def gather_objects(obj: object, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (collective); ``[obj]`` without torchrun."""
+    return _gather(obj, info) if info.enabled else [obj]

@@ -486,7 +486,7 @@ def candidate_layouts(shapes: ModelShapes, tcfg: TrainConfig, world: int, gpus_p
 
 def _checkpoint(shapes: ModelShapes, tcfg: TrainConfig, cluster: Cluster) -> dict[str, Any]:
     model_b, opt_b = 4 * shapes.parameters, 8 * shapes.parameters
-    shard_b = tcfg.checkpoint_shard_mb * 10**6
+    shard_b = int(tcfg.checkpoint_shard_mb * 10**6)
     files = math.ceil(model_b / shard_b) + math.ceil(opt_b / shard_b)
     per_rank = min(model_b + opt_b, math.ceil(files / cluster.gpus) * shard_b)
     rate = cluster.write_gbps * GB

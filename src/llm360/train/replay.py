@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from llm360.config import load_config
 from llm360.errors import CheckpointError
-from llm360.rundir.checkpoint import read_trainer_state
+from llm360.rundir.checkpoint import read_tensors, read_trainer_state
 from llm360.rundir.data import TrainingRecord
-from llm360.rundir.layout import MODEL_FILE, OPTIMIZER_FILE, RunDir, ckpt_name, index_name
+from llm360.rundir.layout import RunDir, ckpt_name, index_name
 from llm360.train.loop import Trainer
 
 logger = logging.getLogger(__name__)
@@ -36,9 +35,9 @@ class ReplayResult:
 
     chunk: int
     model_state: dict[str, torch.Tensor]
-    """The re-trained checkpoint's weights (model.safetensors), on CPU."""
+    """The re-trained checkpoint's weights (every model file), on CPU."""
     optimizer_state: dict[str, torch.Tensor]
-    """Its optimizer state (optimizer.safetensors: ``<state>/<parameter name>``), on CPU."""
+    """Its optimizer state (``<state>/<parameter name>``, every optimizer file), on CPU."""
     init_state: dict[str, torch.Tensor] | None
     """Chunk 0 only: the weights the seed gave before any step, to compare with the run's ``init``."""
     bitwise: bool
@@ -108,8 +107,8 @@ def replay_chunk(
         logger.info("replayed chunk %s on %s", index_name(chunk), on)
         return ReplayResult(
             chunk=chunk,
-            model_state=load_file(str(replayed / MODEL_FILE)),
-            optimizer_state=load_file(str(replayed / OPTIMIZER_FILE)),
+            model_state=read_tensors(replayed),
+            optimizer_state=read_tensors(replayed, "optimizer"),
             init_state=init_state,
             bitwise=cfg.train.deterministic_on(on.type) and on.type == "cpu",
             device=str(on),
