@@ -215,14 +215,17 @@ def test_the_trainer_refuses_what_it_cannot_run_before_loading_anything(tmp_path
     with pytest.raises(ConfigError, match="does not fit the device's memory"):
         train(small, tmp_path / "run", device="cpu")
     assert not (tmp_path / "run" / "metrics").exists()
-    for update, what in (({"parallelism": "hsdp", "shard_group_size": 2}, "does not run HSDP yet"),
-                         ({"tensor_parallel": 2}, "does not run tensor parallelism yet")):
+    for update, what in (({"tensor_parallel": 2}, "does not run tensor parallelism yet"),):
         tcfg = cfg.train.model_copy(update=update)
         with pytest.raises(ConfigError, match=what):
             check_trainer_supports(tcfg)
         with pytest.raises(ConfigError, match=what):  # 4 ranks of one node: a valid layout, not yet trainable
             startup_check(cfg.model_copy(update={"train": tcfg}), 4, 4, torch.device("cpu"))
     assert startup_check(cfg, 1, None, torch.device("cpu")) is None  # CPU, no memory given: nothing to check
+    hsdp = cfg.train.model_copy(update={"parallelism": "hsdp", "shard_group_size": 2})
+    check_trainer_supports(hsdp)  # HSDP runs (tests/test_distributed.py)
+    with pytest.raises(ConfigError, match="larger than a node"):  # but a shard group stays inside a node
+        startup_check(cfg.model_copy(update={"train": hsdp}), 4, 1, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- system metrics

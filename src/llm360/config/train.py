@@ -54,7 +54,7 @@ class TrainConfig(Section):
     deterministic: bool | Literal["auto"] = True
     """Deterministic algorithms: true (resume and replay bitwise on CPU; slower kernels on GPU), false, or auto (on for CPU, off on GPU, where `llm360 verify --replay` compares within its stated tolerance, max abs diff 1e-5 per tensor)."""
     parallelism: Literal["ddp", "fsdp", "hsdp"] = "ddp"
-    """Data parallelism under torchrun: ddp (replicated), fsdp (FSDP2, fully_shard per block, sharded over every data rank) or hsdp (sharded inside groups of train.shard_group_size ranks, replicated across groups; `llm360 plan` evaluates it, the trainer refuses it for now)."""
+    """Data parallelism under torchrun: ddp (replicated), fsdp (FSDP2, fully_shard per block, sharded over every data rank) or hsdp (FSDP2 on a 2-D mesh: sharded inside groups of train.shard_group_size consecutive ranks, e.g. a node's GPUs, replicated across groups)."""
     shard_group_size: int | None = Field(None, ge=2)
     """hsdp only: data-parallel ranks that shard the model among themselves (x train.tensor_parallel GPUs must fit in one node); groups of that size replicate it. Null for ddp and fsdp."""
     tensor_parallel: int = Field(1, ge=1)

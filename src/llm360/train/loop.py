@@ -46,6 +46,7 @@ from llm360.train.parallel import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    destroy_distributed,
     init_distributed,
     is_sharded,
     parallelize,
@@ -90,6 +91,7 @@ class Trainer:
         self.cfg = cfg
         self.tcfg = cfg.train
         self.rd = RunDir(run_dir)
+        self._owns_process_group = not torch.distributed.is_initialized()
         self.info: DistInfo = init_distributed(device)
         self.init_from = Path(init_from) if init_from else None
         self.reset_optimizer = reset_optimizer
@@ -197,7 +199,7 @@ class Trainer:
     def _start_from(self, latest: Path | None, saved: TrainState | None) -> None:
         """Resume from the latest checkpoint, or initialise from ``init_from``; then set the guards."""
         # Sharded, every rank reads only its blocks of the checkpoint, once fully_shard has made them
-        self.sharded_resume = self.tcfg.parallelism == "fsdp" and self.info.enabled
+        self.sharded_resume = self.tcfg.parallelism in ("fsdp", "hsdp") and self.info.enabled
         with together(self.info):  # no collective inside
             if latest is not None:
                 self._resume(latest, saved)
@@ -243,7 +245,8 @@ class Trainer:
     def _parallelize(self, latest: Path | None) -> None:
         """DDP or FSDP2 (the optimizer state moved over to the shards), compile, autocast."""
         tcfg = self.tcfg
-        self.train_model = parallelize(self.model, tcfg.parallelism, self.info, tcfg.activation_checkpointing)
+        self.train_model = parallelize(self.model, tcfg.parallelism, self.info, tcfg.activation_checkpointing,
+                                       tcfg.shard_group_size)
         if self.sharded_resume:  # FSDP2 replaced the parameters by shards: a new optimizer over them
             self.optimizer = build_optimizer(self.model, tcfg)
         if self._deferred is not None:  # now each rank reads its own blocks
@@ -507,6 +510,11 @@ class Trainer:
         if self._lock is not None:
             self._lock.close()  # releases the run directory
             self._lock = None
+        if self._owns_process_group:
+            # every group (HSDP's mesh has sub-groups) goes before the interpreter exits: gloo's
+            # threads left to interpreter teardown abort the process ("terminate called ...")
+            destroy_distributed()
+            self._owns_process_group = False
 
 
 def train(

@@ -135,8 +135,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def parallelize(model: nn.Module, parallelism: str, info: DistInfo, activation_checkpointing: bool = False) -> nn.Module:
-    """Apply activation checkpointing and DDP or FSDP2 (``fully_shard`` per block) to the model."""
+def parallelize(
+    model: nn.Module, parallelism: str, info: DistInfo, activation_checkpointing: bool = False,
+    shard_group_size: int | None = None,
+) -> nn.Module:
+    """Apply activation checkpointing and DDP, FSDP2 or HSDP (``fully_shard`` per block) to the model.
+
+    HSDP shards every parameter inside groups of ``shard_group_size`` consecutive ranks (a node's
+    GPUs) and replicates it across the groups: FSDP2 over a 2-D mesh (replicate x shard), whose
+    gradients are reduce-scattered inside a group and all-reduced across groups.
+    """
     if activation_checkpointing:
         # Recompute each block in backward. The forward is wrapped in place (not the module), so
         # parameter names, and with them the Hugging Face state dict, stay unchanged.
@@ -148,12 +156,18 @@ def parallelize(model: nn.Module, parallelism: str, info: DistInfo, activation_c
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     if not info.enabled:
         return model
-    if parallelism == "fsdp":
+    if parallelism in ("fsdp", "hsdp"):
         from torch.distributed.fsdp import fully_shard
 
+        mesh = None
+        if parallelism == "hsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            g = shard_group_size or info.world_size
+            mesh = init_device_mesh(info.device.type, (info.world_size // g, g), mesh_dim_names=("replicate", "shard"))
         for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -249,11 +249,6 @@ def check_layout(mcfg: ModelConfig, tcfg: TrainConfig | Layout, world: int, gpus
 
 def check_trainer_supports(tcfg: TrainConfig) -> None:
     """Raise ConfigError for a layout `llm360 plan` evaluates but the trainer cannot run yet."""
-    if tcfg.parallelism == "hsdp":
-        raise ConfigError(
-            "train.parallelism = hsdp: the trainer does not run HSDP yet (`llm360 plan` evaluates it); use "
-            "parallelism = fsdp, which shards over every rank"
-        )
     if tcfg.tensor_parallel > 1:
         raise ConfigError(
             f"train.tensor_parallel = {tcfg.tensor_parallel}: the trainer does not run tensor parallelism yet "
