@@ -89,6 +89,8 @@ def raise_failure(key: str, exc: BaseException) -> None:
             exc.task_key = key  # type: ignore[attr-defined]
             exc.args = (f"{exc.args[0] if exc.args else exc} (task {key})", *exc.args[1:])
         raise exc
+    if isinstance(exc, TaskFailed) and exc.key == key:  # already says what happened to this task
+        raise exc
     raise TaskFailed(key, f"{type(exc).__name__}: {exc}") from exc
 
 

@@ -20,6 +20,7 @@ from llm360.executor.base import (
     Executor,
     ExecutorError,
     Task,
+    TaskError,
     TaskFailed,
     check_keys,
     raise_failure,
@@ -133,6 +134,18 @@ class RayExecutor(Executor):
             opts["memory"] = int(task.memory)
         return self._remote.options(**opts).remote(task)
 
+    def _lost_reason(self, e: BaseException) -> str:
+        """Why Ray returned no result for a task: its worker or node died on every attempt, or it could not run."""
+        lost = self._ray.exceptions
+        if not isinstance(e, (lost.WorkerCrashedError, lost.NodeDiedError, lost.LocalRayletDiedError,
+                              lost.ObjectLostError, lost.OutOfMemoryError)):
+            return f"Ray could not run it: {type(e).__name__}: {e}"
+        n = self.max_retries
+        retried = ("it was not retried" if n == 0 else "so did its retry" if n == 1
+                   else f"so did all {n} retries" if n > 0 else "so did every retry")
+        return (f"lost: the worker process or node running it died, and {retried} (max_retries={n}; "
+                f"out of memory? the Ray logs say why): {type(e).__name__}: {e}")
+
     def run(
         self, tasks: Sequence[Task], *, progress_label: str, unit: str = "tasks", keep_going: bool = False
     ) -> list[Any]:
@@ -162,22 +175,21 @@ class RayExecutor(Executor):
                                 continue
                             logger.warning("task %s failed: %s", tasks[i].key, cause)
                             results[i] = task_error(tasks[i].key, cause)
-                        except ray.exceptions.RayError as e:  # worker or node lost beyond the retries
-                            lost = TaskFailed(tasks[i].key, f"lost after {self.max_retries} retries: {e}")
+                        except ray.exceptions.RayError as e:  # lost beyond the retries, or Ray could not run it
+                            reason = self._lost_reason(e)
+                            lost = TaskFailed(tasks[i].key, reason)
                             if not keep_going:
                                 failure = failure or (tasks[i].key, lost)
                                 continue
-                            results[i] = task_error(tasks[i].key, lost)
+                            logger.warning("%s", lost)
+                            results[i] = TaskError(tasks[i].key, type(lost).__name__, reason, exception=lost)
                         bar.advance(1)
             except BaseException:
                 for ref in in_flight:
                     ray.cancel(ref, force=True)
                 raise
         if failure is not None:
-            key, exc = failure
-            if isinstance(exc, TaskFailed):
-                raise exc
-            raise_failure(key, exc)
+            raise_failure(*failure)
         return results
 
     def check_visible(self, folder: Path) -> None:
