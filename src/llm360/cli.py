@@ -95,7 +95,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def _print_row(view, max_chars: int) -> None:
     spans = ", ".join(
-        f"{escape(s['source'])}:{escape(str(s['doc_id']))}@{s['doc_offset']}+{s['length']}" for s in view.spans
+        f"{escape(s['source'])}:{escape(str(s['doc_id']))}@{s['doc_offset']}+{s['length']}"
+        + (f" (FIM {s['fim_copy']['mode'].upper()} copy {s['fim']})" if s.get("fim_copy") else "") for s in view.spans
     )
     where = "" if view.position is None else f"[{view.position}] "
     out.print(f"[bold]{escape(where)}chunk {view.chunk:03d} row {view.row}[/]  documents: {spans}")
@@ -114,8 +115,9 @@ def _print_notes(notes: list[str], ok: bool) -> None:
 
 def _span_line(s) -> str:
     """One place of a document's tokens: where in the data, and when (and whether) it was trained."""
+    what = f"FIM copy {s.fim}" if getattr(s, "fim", 0) else "document"
     where = (f"chunk {s.chunk:03d} row {s.row}: tokens {s.doc_offset}..{s.doc_offset + s.length - 1} of the "
-             f"document at positions {s.row_offset}..{s.row_offset + s.length - 1} of the row")
+             f"{what} at positions {s.row_offset}..{s.row_offset + s.length - 1} of the row")
     p = s.place
     if p is None:
         return escape(where)

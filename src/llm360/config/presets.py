@@ -129,8 +129,20 @@ def _preset_amber() -> dict:
     }
 
 
+# CrystalCoder's data recipe (LLM360's CrystalCoderDatasets card and the paper): StarCoder's code gets
+# fill-in-the-middle at 0.9 in stage 2 and 0.3 in stage 3, half of the transformed copies in SPM order;
+# stage 3 trains three epochs of StarCoder's Python, HTML, CSS and JavaScript; 143 checkpoints in all.
+CRYSTALCODER_FIM = {"stage2": (0.9, 0.5), "stage3": (0.3, 0.5)}
+CRYSTALCODER_CHUNKS = 143
+SLIMPAJAMA_GITHUB = "RedPajamaGitHub"
+"""SlimPajama's GitHub subset (``meta.redpajama_set_name``), left out of stage 3's SlimPajama sample."""
+
+
 def _preset_crystalcoder() -> dict:
     slim = "slimpajama"
+    no_github = [{"field": "meta.redpajama_set_name", "op": "not_in", "values": [SLIMPAJAMA_GITHUB]}]
+    fim2, spm2 = CRYSTALCODER_FIM["stage2"]
+    fim3, spm3 = CRYSTALCODER_FIM["stage3"]
     return {
         "name": "crystalcoder",
         "preset": "crystalcoder",
@@ -139,25 +151,27 @@ def _preset_crystalcoder() -> dict:
             "sources": [
                 {"name": slim, "kind": "jsonl", "paths": []},
                 {"name": "starcoder", "kind": "jsonl", "paths": []},
+                # StarCoder's python, html, css and javascript folders (its data is split by language)
                 {"name": "python-web-code", "kind": "jsonl", "paths": []},
             ],
+            # the 143 chunks are shared among the stages by tokens (345B / 927B / 110B: 36 + 96 + 11),
+            # so every chunk, and the checkpoint after it, is about 9.7B tokens
+            "total_chunks": CRYSTALCODER_CHUNKS,
             "stages": [
-                {"name": "stage1", "chunks": 143, "mix": [{"source": slim, "part": [0.0, 0.5]}]},
+                {"name": "stage1", "mix": [{"source": slim, "part": [0.0, 0.5]}]},
                 {
                     "name": "stage2",
-                    "chunks": 143,
                     "mix": [
                         {"source": slim, "part": [0.5, 1.0]},
-                        {"source": "starcoder", "weight": 2.0},
+                        {"source": "starcoder", "weight": 2.0, "fim_rate": fim2, "spm_rate": spm2},
                     ],
                 },
                 {
                     "name": "stage3",
-                    "chunks": 29,
                     "mix": [
-                        {"source": "python-web-code"},
-                        # a ~10B-token sample of SlimPajama (~627B tokens in all)
-                        {"source": slim, "weight": 0.016},
+                        {"source": "python-web-code", "weight": 3.0, "fim_rate": fim3, "spm_rate": spm3},
+                        # a ~10B-token sample of SlimPajama without its GitHub part (~596B of its ~627B)
+                        {"source": slim, "weight": 0.0168, "filters": no_github},
                     ],
                 },
             ],

@@ -39,6 +39,7 @@ DOC_PLACE_DTYPE = np.dtype(
         ("length", "<u4"),  # tokens of the span
         ("doc_offset", "<u4"),  # token offset of the span within the document
         ("source", "<u2"),  # index into manifest["source_names"] (a pre-tokenized row's own source)
+        ("fim", "<u2"),  # 0: the document as it is; k: its k-th FIM-transformed copy (the provenance's `fim`)
     ]
 )
 """One record per (document span, row): the index's layout, sorted by (doc, chunk, row, row_offset)."""
@@ -73,6 +74,7 @@ def build_doc_index(store: DataStore) -> dict[str, np.ndarray]:
             rec["doc"], rec["chunk"], rec["row"] = sel["doc"], c, sel["row"]
             rec["row_offset"], rec["length"] = sel["row_offset"], sel["length"]
             rec["doc_offset"], rec["source"] = sel["doc_offset"], sel["source"]
+            rec["fim"] = sel["fim"] if "fim" in sel.dtype.names else 0
             parts.setdefault(int(t), []).append(rec)
     out = {}
     for t, name in enumerate(names):

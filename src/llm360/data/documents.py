@@ -7,7 +7,8 @@ Every item a reader meets becomes exactly one :class:`Document`, :class:`TokenRo
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,9 @@ class Document:
     doc_id: str
     """Stable id: `<file relative to the source root or path>:<line or row>` (1-based lines, 0-based rows)."""
     text: str
+    fields: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The record's other fields, for the mix's filters: a JSONL line's whole object, the requested
+    columns of a Parquet row or dataset row; None when the reader has no record (text files, embedded)."""
 
 
 @dataclass(frozen=True, slots=True)

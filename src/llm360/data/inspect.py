@@ -5,6 +5,11 @@ Every answer about a run comes from :func:`llm360.rundir.data.trained_rows`: the
 really trained on (a reseeded chunk in its reseeded order), with skipped steps and chunks marked
 not trained and the guard's reason, and the global batch read from the run. Nothing here derives
 an order of its own.
+
+A span of a fill-in-the-middle copy (provenance ``fim`` = k > 0) is shown with its transform: the
+k-th record of the document's ``fim`` list (mode, split points, each part's tokens) and where the
+span's tokens lie in the original text (:func:`llm360.data.fim.locate`); the row's text shows the
+sentinels as the tokenizer names them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm360.data.doc_index import document_places, find_document
+from llm360.data.fim import locate
 from llm360.data.tokenizer import TextTokenizer, load_saved
 from llm360.errors import DataError
 from llm360.rundir.data import (
@@ -108,15 +114,20 @@ class DocumentSpan:
     length: int
     """Tokens of the span."""
     doc_offset: int
-    """Token offset of the span within the document (its EOS is its last token)."""
+    """Token offset of the span within the document (its EOS is its last token), or within its FIM copy."""
     place: RowPlace | None
     """Where the row was trained (None: the run's global batch is unknown)."""
     checkpoint: str | None = None
     """The first checkpoint that had trained on the span (``ckpt_NNN``, else ``steps/step_NNNNNNNN``)."""
+    fim: int = 0
+    """0: the document as it is; k: its k-th FIM-transformed copy (entry k of the record's ``fim`` list)."""
 
     def to_json(self) -> dict:
-        return {"chunk": self.chunk, "row": self.row, "row_offset": self.row_offset, "length": self.length,
-                "doc_offset": self.doc_offset, "trained_at": place_json(self.place), "checkpoint": self.checkpoint}
+        out = {"chunk": self.chunk, "row": self.row, "row_offset": self.row_offset, "length": self.length,
+               "doc_offset": self.doc_offset, "trained_at": place_json(self.place), "checkpoint": self.checkpoint}
+        if self.fim:
+            out["fim"] = self.fim
+        return out
 
 
 @dataclass
@@ -160,7 +171,32 @@ def view_row(store: DataStore, chunk: int, row: int, tok: TextTokenizer | None =
     ids = [int(x) for x in arr[row]]
     tok = tok if tok is not None else _tokenizer(store)
     text = tok.decode(ids) if tok is not None else None
-    return RowView(chunk, row, ids, text, store.row_provenance(chunk, row))
+    spans = store.row_provenance(chunk, row)
+    add_fim_details(store, spans)
+    return RowView(chunk, row, ids, text, spans)
+
+
+def add_fim_details(store: DataStore, spans: list[dict]) -> None:
+    """Give every span of a FIM-transformed copy (``fim`` > 0) a ``fim_copy``: the transform's record
+    and, under ``original``, where the span's tokens come from (part, tokens within it, the part's
+    characters in the original text)."""
+    want: dict[str, set[int]] = {}
+    for sp in spans:
+        if sp.get("fim"):
+            want.setdefault(sp["table"], set()).add(sp["doc"])
+    if not want:
+        return
+    records = {table: store.documents(table, numbers) for table, numbers in want.items()}
+    for sp in spans:
+        k = sp.get("fim")
+        if not k:
+            continue
+        copies = records[sp["table"]][sp["doc"]].get("fim") or []
+        if not 0 < k <= len(copies):
+            raise DataError(f"{sp['table']} document {sp['doc']}: its provenance names FIM copy {k}, but its "
+                            f"documents-table line lists {len(copies)}; the data directory is corrupt")
+        rec = copies[k - 1]
+        sp["fim_copy"] = {**rec, "copy": k, "original": locate(rec, sp["doc_offset"], sp["length"])}
 
 
 def reseed_note(index: TrainedIndex, chunk: int) -> str | None:
@@ -259,8 +295,9 @@ def located_spans(run_dir: str | Path, index: TrainedIndex | None, places) -> li
             ckpt = None
             if place is not None and place.status == TRAINED and place.step is not None:
                 ckpt = first_checkpoint(run_dir, chunk, place.step)
+            fim = int(rec["fim"]) if "fim" in (recs.dtype.names or ()) else 0
             spans.append(DocumentSpan(chunk, int(rec["row"]), int(rec["row_offset"]), int(rec["length"]),
-                                      int(rec["doc_offset"]), place, ckpt))
+                                      int(rec["doc_offset"]), place, ckpt, fim))
     # in the order trained: by chunk, then by position in the chunk's training order
     spans.sort(key=lambda s: (s.chunk, s.row if s.place is None else s.place.position, s.row_offset))
     return spans
@@ -305,4 +342,10 @@ def view_document(run_dir: str | Path, source: str, ident: str | int, global_bat
             line += (f"trained at {len(steps)} step(s), first at step {steps[0]}"
                      + (f", first seen by {first.checkpoint}" if first.checkpoint else ""))
         notes.insert(0, line)
+        if rec.get("fim"):
+            modes = [f"{c['mode'].upper()} (stage {c['stage']}, repeat {c['epoch']}, split at characters "
+                     f"{c['split'][0]} and {c['split'][1]} of {c['chars']})" for c in rec["fim"]]
+            notes.append(f"{len(modes)} cop{'ies' if len(modes) != 1 else 'y'} fill-in-the-middle transformed: "
+                         + "; ".join(f"{i}: {m}" for i, m in enumerate(modes, start=1))
+                         + "; a span's fim = k and doc_offset count tokens of copy k")
     return DocumentView(source, rec, spans, notes)

@@ -195,10 +195,12 @@ def number_lines(pieces: list[Piece], counts: dict[int, int]) -> list[Piece]:
     return out
 
 
-def iter_piece(src: SourceConfig, piece: Piece, *, max_document_chars: int, min_document_chars: int
-               ) -> Iterator[_src.SourceItem]:
+def iter_piece(src: SourceConfig, piece: Piece, *, max_document_chars: int, min_document_chars: int,
+               columns: tuple[str, ...] = ()) -> Iterator[_src.SourceItem]:
     """The items of one piece, in order: for the pieces of :func:`list_pieces` one after another,
-    exactly what :func:`~llm360.data.sources.iter_source` yields."""
+    exactly what :func:`~llm360.data.sources.iter_source` yields. ``columns``: the record fields a
+    Parquet or dataset Document carries besides its text (for the mix's filters; JSONL lines carry
+    their whole object)."""
     limits = (max_document_chars, min_document_chars)
     if piece.kind == "embedded":
         assert src.embedded is not None
@@ -219,12 +221,12 @@ def iter_piece(src: SourceConfig, piece: Piece, *, max_document_chars: int, min_
     if piece.kind == "parquet":
         groups = (piece.start, piece.stop) if piece.stop is not None else None
         return _src._iter_parquet(src.name, path, label, src.text_field, *limits, groups=groups,
-                                  first_row=piece.first if groups else 0)
+                                  first_row=piece.first if groups else 0, columns=columns)
     if piece.kind == "text":
         return _src._chain(_src._iter_text(src.name, Path(p), lb, *limits)
                            for p, lb in zip(piece.files, piece.labels, strict=True))
     if piece.kind == "hf_dataset":
-        return _src._iter_hf_dataset(src.name, path, label, src.text_field, *limits)
+        return _src._iter_hf_dataset(src.name, path, label, src.text_field, *limits, columns=columns)
     if piece.kind == "snapshot":
         return _src._iter_snapshot(src.name, path, *limits)
     raise DataError(f"source '{src.name}': unknown kind {piece.kind!r}")

@@ -29,6 +29,7 @@ from llm360.data.prepare_manifest import SourceStats, build_manifest
 from llm360.data.prepare_map import MAP_FORMAT, SUMMARY, MapSpec, map_piece, token_dtype, unit_hash
 from llm360.data.prepare_plan import (
     check_stage_kinds,
+    chunk_rows,
     make_plan,
     plan_hash,
     stage_draws,
@@ -104,7 +105,7 @@ class Build:
         if self.build_root != self.root:
             self.ex.check_visible(self.build_root)
         pieces = [self._pieces(src) for src in data.sources]
-        tok_dir, tok_sha, vocab, eos_id = self._tokenizer(pieces)
+        tok_dir, tok_sha, vocab, eos_id, self.fim_ids = self._tokenizer(pieces)
         self.dtype = token_dtype(data, vocab)
         self.vocab_size, self.eos_id, self.tok_sha = vocab, eos_id, tok_sha
         pieces = self._number_lines(pieces)
@@ -151,9 +152,11 @@ class Build:
     def _pieces(self, src: SourceConfig) -> list[Piece]:
         return list_pieces(src, self.piece_bytes)
 
-    def _tokenizer(self, pieces: list[list[Piece]]) -> tuple[Path | None, str | None, int, int | None]:
-        """(saved tokenizer folder, its sha256, vocabulary size, EOS id): reused from the scratch when
-        it was made from the same config and the same files."""
+    def _tokenizer(self, pieces: list[list[Piece]]
+                   ) -> tuple[Path | None, str | None, int, int | None, tuple[int, int, int] | None]:
+        """(saved tokenizer folder, its sha256, vocabulary size, EOS id, FIM sentinel ids when a mix
+        entry FIM-transforms): reused from the scratch when it was made from the same config and the
+        same files. Raises DataError for a loaded tokenizer without the FIM sentinels FIM needs."""
         tcfg = self.data.tokenizer
         if tcfg.kind == "none":
             if any(s.kind != "llm360" for s in self.data.sources):
@@ -161,7 +164,7 @@ class Build:
                     "data.tokenizer.kind = none only works when every source is pre-tokenized "
                     "(kind: llm360); set data.tokenizer.kind to train or file"
                 )
-            return None, None, tcfg.vocab_size, None
+            return None, None, tcfg.vocab_size, None, None
         folder = self.root / "tokenizer"
         stamp = _key([[p.identity() for p in per] for per in pieces]) if tcfg.kind == "train" else None
         if tcfg.kind == "file":
@@ -172,17 +175,20 @@ class Build:
                     "e.g. --set data.tokenizer.path=/models/llama/tokenizer.model"
                 )
             tok, origin = load_tokenizer_file(tcfg.path, tcfg.eos_token)
+            fim_ids = tok.fim_ids(tcfg.fim_tokens, f"the tokenizer {tcfg.path}") if self.data.uses_fim else None
         else:
             record = _done(self.root / "tokenizer.json")
             if record is not None and record.get("stamp") == stamp and folder.is_dir():
                 tok = load_saved(folder)
                 logger.info("reusing the tokenizer trained by an earlier run of this prepare")
-                return folder, record["sha256"], tok.vocab_size, tok.eos_id
+                fim_ids = tok.fim_ids(tcfg.fim_tokens) if self.data.uses_fim else None
+                return folder, record["sha256"], tok.vocab_size, tok.eos_id, fim_ids
             tok, origin = self._train_tokenizer()
+            fim_ids = tok.fim_ids(tcfg.fim_tokens) if self.data.uses_fim else None
         with atomic_folder(folder) as tmp:
             sha = tok.save(tmp, origin)
         write_json(self.root / "tokenizer.json", {"stamp": stamp, "sha256": sha})
-        return folder, sha, tok.vocab_size, tok.eos_id
+        return folder, sha, tok.vocab_size, tok.eos_id, fim_ids
 
     def _train_tokenizer(self) -> tuple[TextTokenizer, dict]:
         from llm360.data.sources import iter_source
@@ -210,7 +216,7 @@ class Build:
                         if used >= per_source:
                             break
 
-            tok, origin = train_bpe(texts(), tcfg)
+            tok, origin = train_bpe(texts(), tcfg, tcfg.fim_tokens if data.uses_fim else ())
         origin["train_chars_per_source_max"] = per_source
         logger.info("trained a byte-level BPE tokenizer with %d tokens", tok.vocab_size)
         return tok, origin
@@ -241,6 +247,7 @@ class Build:
             row_length=self.L, dtype=self.dtype.str, vocab_size=self.vocab_size, eos_id=self.eos_id,
             docs_per_batch=d.docs_per_batch, draws=draws, tokenizer_dir=str(tok_dir) if tok_dir else None,
             tokenizer_sha=tok_sha, out=str(self.root / "map" / key),
+            fim_ids=self.fim_ids if any(dr.fim_rate > 0 for dr in draws) else None,
         )
 
     def _map(self, specs: list[list[MapSpec]], *, label: str, only: set[str] | None = None) -> list[list[dict]]:
@@ -282,7 +289,7 @@ class Build:
     def _scatter_specs(self, plan: dict, specs: list[list[MapSpec]]) -> dict[tuple[int, int], ScatterSpec]:
         stages = tuple(
             StageRows(st["index"], st["first_chunk"], st["chunks"], st["rows_per_chunk"], st["cap"],
-                      str(self._positions(st)))
+                      str(self._positions(st)), st.get("rows_extra", 0))
             for st in plan["stages"]
         )
         n_chunks = sum(st["chunks"] for st in plan["stages"])
@@ -299,7 +306,7 @@ class Build:
                 map_dir=ms.out, out=str(self.plan_dir / "scatter" / f"{name}.bin"),
                 result=str(self.plan_dir / "results" / f"scatter-{name}.json"), table=t,
                 doc_base=info["doc_base"], names_map=tuple(info["names_map"]), row_length=self.L,
-                dtype=self.dtype.str, n_chunks=n_chunks, stages=stages, blocks=tuple(bl),
+                dtype=self.dtype.str, n_chunks=n_chunks, stages=stages, blocks=tuple(bl), fim=self.data.uses_fim,
             )
         return out
 
@@ -345,9 +352,9 @@ class Build:
             for c in range(st["chunks"]):
                 ci = st["first_chunk"] + c
                 reduce_specs.append(ReduceSpec(
-                    chunk=ci, stage=st["name"], rows=st["rows_per_chunk"], row_length=self.L,
+                    chunk=ci, stage=st["name"], rows=chunk_rows(st, c), row_length=self.L,
                     dtype=self.dtype.str, source_names=names, scattered=str(listing),
-                    out_dir=str(out), result=str(results / f"chunk-{ci:06d}.json")))
+                    out_dir=str(out), result=str(results / f"chunk-{ci:06d}.json"), fim=self.data.uses_fim))
         tasks = [Task(f"reduce:chunk_{s.chunk:03d}", reduce_chunk, (s,)) for s in reduce_specs
                  if _done(Path(s.result)) is None]
         if len(tasks) < len(reduce_specs):

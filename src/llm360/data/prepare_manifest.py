@@ -10,7 +10,7 @@ import numpy as np
 
 from llm360 import __version__
 from llm360.config import RunConfig
-from llm360.rundir.data import MANIFEST_VERSION, PROVENANCE_DTYPE
+from llm360.rundir.data import MANIFEST_VERSION, PROVENANCE_DTYPE, PROVENANCE_FIM_DTYPE
 
 
 @dataclass
@@ -29,6 +29,10 @@ class SourceStats:
     tokens_valid: int = 0
     valid_rows: int = 0
     tokens_dropped: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)
+    """Documents no mix entry used because its filters dropped them, by the field that did."""
+    fim: Counter | None = None
+    """FIM counts (documents_fim, fim_copies, spm_copies, tokens_fim) when a mix entry FIM-transforms it."""
 
     def add_map(self, summary: dict) -> None:
         """Count one piece's map summary in."""
@@ -39,19 +43,32 @@ class SourceStats:
         self.tokens_train += summary["tokens_train"]
         self.tokens_valid += summary["tokens_valid"]
         self.rejected.update(summary["rejected"])
+        self.filtered.update(summary.get("filtered_unused", {}))
+        if "fim" in summary:
+            self.fim = (self.fim or Counter()) + Counter(summary["fim"])
 
     def to_json(self) -> dict:
         rejected = dict(self.rejected)
         if self.documents_not_selected:
             rejected["not_selected_by_mix"] = self.documents_not_selected
-        used = self.documents_train - self.documents_not_selected + self.documents_valid
+        filtered = sum(self.filtered.values())
+        if filtered:
+            rejected["filtered_by_mix"] = filtered
+        used_train = self.documents_train - self.documents_not_selected - filtered
+        used = used_train + self.documents_valid
+        extra: dict = {}
+        if filtered:
+            extra["documents_filtered_by_mix"] = dict(sorted(self.filtered.items()))
+        if self.fim is not None:
+            extra["fim"] = {k: int(self.fim.get(k, 0)) for k in ("documents_fim", "fim_copies", "spm_copies",
+                                                                 "tokens_fim")}
         return {
             "kind": self.kind,
             "files": self.files,
             "doc_id_base": self.doc_id_base,
             "documents_in": self.documents_in,
             "documents_used": used,
-            "documents_used_train": self.documents_train - self.documents_not_selected,
+            "documents_used_train": used_train,
             "documents_used_valid": self.documents_valid,
             "documents_rejected": dict(sorted(rejected.items())),
             "documents_rejected_total": sum(rejected.values()),
@@ -59,6 +76,7 @@ class SourceStats:
             "tokens_valid_documents": self.tokens_valid,
             "valid_rows": self.valid_rows,
             "tokens_dropped": dict(sorted((k, v) for k, v in self.tokens_dropped.items() if v)),
+            **extra,
         }
 
 
@@ -99,6 +117,7 @@ def build_manifest(
     source (pre-tokenized rows labelled with another name). Raises AssertionError when a source's
     documents do not add up (a bug, never the input's fault)."""
     data = cfg.data
+    prov = PROVENANCE_FIM_DTYPE if data.uses_fim else PROVENANCE_DTYPE
     sources_json = {name: st.to_json() for name, st in stats.items()}
     for name, st in sources_json.items():
         if st["documents_in"] != st["documents_used"] + st["documents_rejected_total"]:
@@ -127,6 +146,6 @@ def build_manifest(
         "total_tokens": sum(c["tokens"] for c in chunks),
         "valid": {name: {"file": f"valid/{name}.npy", "rows": st.valid_rows}
                   for name, st in stats.items() if st.valid_rows},
-        "provenance_dtype": [[n, PROVENANCE_DTYPE[n].str] for n in PROVENANCE_DTYPE.names],
+        "provenance_dtype": [[n, prov[n].str] for n in prov.names],
         "files": dict(sorted(files.items())),
     }

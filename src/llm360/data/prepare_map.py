@@ -15,11 +15,15 @@ It writes, into its own folder (renamed into place when complete, :func:`~llm360
 ``docs.z``      its lines of ``documents/<source>.jsonl.gz``, with the document number left out
                 (``head NUL tail``): numbers are global to a source and only the plan knows them
 ``snapshot.z``  its lines of ``sources/<source>.jsonl.gz`` (sources with ``snapshot: true``)
+``fim.npy``     per FIM-transformed copy (:data:`~llm360.data.prepare_mix.FIMIDX_DTYPE`); ``fim.bin``
+                their tokens (only when a mix entry of the source has fim_rate > 0)
 ``summary.json`` counts, rejections by reason, names of row sources met, and per stage and mix
                 entry the documents and tokens of every epoch: all the plan needs (returned, too)
 
-The draws of the mix (``u_part``, ``u_sample``) depend only on the seed, the source and the
-document id, so the piece a document lands in never changes its fate.
+The draws of the mix (``u_part``, ``u_sample``), the mix entries' filters and FIM transforms
+(:mod:`~llm360.data.prepare_mix`) depend only on the seed, the source, the document id and its
+record, so the piece a document lands in never changes its fate. A document whose every copy is
+FIM-transformed is tokenized only in its FIM forms (its documents-table line then has no ``tokens``).
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ import numpy as np
 
 from llm360.config import DataConfig, SourceConfig
 from llm360.data.documents import Document, Rejected, TokenRow, content_hash
+from llm360.data.filters import record_columns
+from llm360.data.fim import assemble, fim_record, split_text
 from llm360.data.pieces import Piece, iter_piece
+from llm360.data.prepare_mix import FIMIDX_DTYPE, Draw, Mixer, epochs, used
 from llm360.data.tokenizer import TextTokenizer, load_saved
 from llm360.errors import DataError
 from llm360.rundir.atomic import atomic_folder, write_json
 
-MAP_FORMAT = 1
+MAP_FORMAT = 2
 """Version of a map task's output; part of its key, so a changed format is never reused."""
 
 DOCIDX_DTYPE = np.dtype(
@@ -53,9 +60,13 @@ DOCIDX_DTYPE = np.dtype(
         ("name", "<u2"),  # index into the summary's `names`: whose tokens these are
         ("u_part", "<f8"),  # the two seeded draws of the mix
         ("u_sample", "<f8"),
+        ("drop", "<u8"),  # bit s: the filters of the source's draw s dropped the document
     ]
 )
-"""Per training document of a piece: where its tokens are, and its two seeded draws."""
+"""Per training document of a piece: where its plain tokens are (none for a document whose every
+copy is FIM-transformed), its two seeded draws and what the mix's filters dropped."""
+
+__all__ = ["DOCIDX_DTYPE", "Draw", "MapSpec", "load_fim_output", "load_map_output", "map_piece", "unit_hash"]
 
 SUMMARY = "summary.json"
 
@@ -76,27 +87,6 @@ def token_dtype(cfg: DataConfig, vocab_size: int) -> np.dtype:
     if cfg.token_dtype == "uint32" or (cfg.token_dtype == "auto" and vocab_size > 2**16):
         return np.dtype("<u4")
     return np.dtype("<u2")
-
-
-@dataclass(frozen=True)
-class Draw:
-    """One mix entry of one stage that draws from a source: which documents, how many copies."""
-
-    stage: int
-    entry: int
-    weight: float
-    part: tuple[float, float]
-
-    @property
-    def key(self) -> str:
-        return f"{self.stage}/{self.entry}"
-
-    def copies(self, index: np.ndarray) -> np.ndarray:
-        """Copies of each document of ``index`` (DOCIDX_DTYPE) in the stage: 0, or the weight's floor
-        plus one more when the document's sample draw falls below the weight's fraction."""
-        in_part = (index["u_part"] >= self.part[0]) & (index["u_part"] < self.part[1])
-        whole, frac = int(np.floor(self.weight)), self.weight - np.floor(self.weight)
-        return np.where(in_part, whole + (index["u_sample"] < frac).astype(np.int64), 0)
 
 
 @dataclass(frozen=True)
@@ -121,6 +111,8 @@ class MapSpec:
     tokenizer_sha: str | None
     out: str
     """The task's output folder."""
+    fim_ids: tuple[int, int, int] | None = None
+    """Token ids of the FIM sentinels (prefix, middle, suffix) when a draw has fim_rate > 0."""
 
 
 _TOKENIZERS: dict[str, TextTokenizer] = {}  # per worker process, by sha256
@@ -193,9 +185,20 @@ def map_piece(spec: MapSpec) -> dict:
 
     if src.kind != "llm360":
         name_id(src.name)
+    mixer = Mixer(spec.draws, seed, src.name)
+    if any(d.fim_rate > 0 for d in spec.draws) and spec.fim_ids is None:
+        raise DataError(f"source '{src.name}': a mix entry has fim_rate > 0 but no FIM token ids were given")
+    filter_specs = [f for d in spec.draws for f in d.filters]
+    columns = record_columns(filter_specs)
+    fim_parts: list[np.ndarray] = []
+    fim_rows: list[tuple] = []
+    fim_offset = 0
+    n_index = 0  # index rows written so far
+    fim_counts = Counter()
     with atomic_folder(out) as tmp:
         tok_f = open(tmp / "tokens.bin", "wb")  # noqa: SIM115 - closed below
         val_f = open(tmp / "valid.bin", "wb")  # noqa: SIM115
+        fim_f = open(tmp / "fim.bin", "wb") if mixer.active else None  # noqa: SIM115
         docs_w = _Deflated(tmp / "docs.z")
         snap_w = _Deflated(tmp / "snapshot.z") if src.snapshot else None
         try:
@@ -203,7 +206,7 @@ def map_piece(spec: MapSpec) -> dict:
             texts: list[str] = []
 
             def flush() -> None:
-                nonlocal offset, batch, texts
+                nonlocal offset, batch, texts, fim_offset, n_index
                 if not batch:
                     return
                 ids = tok.encode_batch(texts) if texts else []
@@ -211,6 +214,7 @@ def map_piece(spec: MapSpec) -> dict:
                 rows: list[tuple] = []
                 train_parts: list[np.ndarray] = []
                 valid_parts: list[np.ndarray] = []
+                fim_parts.clear()
                 for kind, num, item, extra in batch:
                     if kind == "rejected":
                         rejected[item.reason] += 1
@@ -227,48 +231,78 @@ def map_piece(spec: MapSpec) -> dict:
                         train_parts.append(arr)
                         rows.append((num, offset, len(arr), name_id(item.row_source),
                                      unit_hash(seed, "part", src.name, item.doc_id),
-                                     unit_hash(seed, "sample", src.name, item.doc_id)))
+                                     unit_hash(seed, "sample", src.name, item.doc_id), 0))
+                        n_index += 1
                         offset += len(arr)
                         counts["documents_train"] += 1
                         counts["tokens_train"] += len(arr)
                         docs_w.write(table_line({"id": item.doc_id}, {"row_source": item.row_source,
                                                                       "status": "train", "tokens": len(arr)}))
                         continue
-                    doc_ids = ids[k]
-                    k += 1
-                    ntok = len(doc_ids)
-                    toks = np.empty(ntok + 1, dtype=dtype)
-                    toks[:ntok] = doc_ids
-                    toks[ntok] = spec.eos_id
-                    after = {"sha256_16": content_hash(item.text), "tokens": ntok + 1}
-                    if extra:  # held out for validation
+                    is_valid, decision, u_part, u_sample = extra
+                    before: dict = {"id": item.doc_id}
+                    after = {"sha256_16": content_hash(item.text)}
+                    if decision is None or decision.plain:
+                        doc_ids = ids[k]
+                        k += 1
+                        ntok = len(doc_ids)
+                        toks = np.empty(ntok + 1, dtype=dtype)
+                        toks[:ntok] = doc_ids
+                        toks[ntok] = spec.eos_id
+                        after["tokens"] = ntok + 1
+                    else:
+                        toks = np.zeros(0, dtype)
+                    if is_valid:  # held out for validation
                         valid_parts.append(toks)
                         counts["documents_valid"] += 1
-                        counts["tokens_valid"] += ntok + 1
+                        counts["tokens_valid"] += len(toks)
                         after["status"] = "valid"
                     else:
                         train_parts.append(toks)
-                        rows.append((num, offset, ntok + 1, 0,
-                                     unit_hash(seed, "part", src.name, item.doc_id),
-                                     unit_hash(seed, "sample", src.name, item.doc_id)))
-                        offset += ntok + 1
+                        rows.append((num, offset, len(toks), 0, u_part, u_sample,
+                                     decision.drop if decision is not None else 0))
+                        offset += len(toks)
                         counts["documents_train"] += 1
-                        counts["tokens_train"] += ntok + 1
+                        counts["tokens_train"] += len(toks)
                         after["status"] = "train"
-                    docs_w.write(table_line({"id": item.doc_id}, after))
+                        if decision is not None and decision.fim:
+                            records = []
+                            for mark, (d, e, sp) in enumerate(decision.fim, start=1):
+                                p_ids, m_ids, s_ids = ids[k], ids[k + 1], ids[k + 2]
+                                k += 3
+                                arr = assemble((p_ids, m_ids, s_ids), sp, spec.fim_ids, spec.eos_id, dtype)
+                                fim_parts.append(arr)
+                                fim_rows.append((n_index, d.slot, e, fim_offset, len(arr), mark, int(sp.spm)))
+                                fim_offset += len(arr)
+                                records.append(fim_record(sp, stage=d.stage_name, entry=d.entry, epoch=e,
+                                                          n_chars=len(item.text),
+                                                          part_tokens=(len(p_ids), len(m_ids), len(s_ids))))
+                                fim_counts["fim_copies"] += 1
+                                fim_counts["spm_copies"] += int(sp.spm)
+                                fim_counts["tokens_fim"] += len(arr)
+                            fim_counts["documents_fim"] += 1
+                            before["fim"] = records
+                        n_index += 1
+                    docs_w.write(table_line(before, after))
                     if snap_w is not None:
-                        snap_w.write(_dumps({"id": item.doc_id, "text": item.text}) + "\n")
+                        line = {"id": item.doc_id, "text": item.text}
+                        kept = {c: item.fields[c] for c in columns if c in item.fields} if item.fields else {}
+                        if kept:  # what the filters read, so a prepare from the snapshot filters alike
+                            line["fields"] = kept
+                        snap_w.write(_dumps(line) + "\n")
                 if train_parts:
                     tok_f.write(np.concatenate(train_parts).tobytes())
                 if valid_parts:
                     val_f.write(np.concatenate(valid_parts).tobytes())
                 if rows:
                     index_parts.append(np.array(rows, dtype=DOCIDX_DTYPE))
+                if fim_parts and fim_f is not None:
+                    fim_f.write(np.concatenate(fim_parts).tobytes())
                 batch, texts = [], []
 
             n = 0
             items = iter_piece(src, spec.piece, max_document_chars=spec.max_document_chars,
-                               min_document_chars=spec.min_document_chars)
+                               min_document_chars=spec.min_document_chars, columns=columns)
             for item in items:
                 num = n
                 n += 1
@@ -282,8 +316,17 @@ def map_piece(spec: MapSpec) -> dict:
                     if tok is None:
                         raise DataError(f"source '{src.name}' has text but no tokenizer is configured")
                     is_valid = vf > 0 and unit_hash(seed, "valid", src.name, item.doc_id) < vf
-                    batch.append(("doc", num, item, is_valid))
-                    texts.append(item.text)
+                    u_part = unit_hash(seed, "part", src.name, item.doc_id)
+                    u_sample = unit_hash(seed, "sample", src.name, item.doc_id)
+                    decision = None
+                    if mixer.active and not is_valid:
+                        decision = mixer.decide(item.doc_id, item.text, item.fields, u_part, u_sample)
+                    batch.append(("doc", num, item, (is_valid, decision, u_part, u_sample)))
+                    if decision is None or decision.plain:
+                        texts.append(item.text)
+                    if decision is not None:
+                        for _, _, sp in decision.fim:
+                            texts.extend(split_text(item.text, sp))
                 if len(batch) >= spec.docs_per_batch:
                     flush()
             flush()
@@ -291,11 +334,18 @@ def map_piece(spec: MapSpec) -> dict:
         finally:
             tok_f.close()
             val_f.close()
+            if fim_f is not None:
+                fim_f.close()
             docs_w.close()
             if snap_w is not None:
                 snap_w.close()
         index = np.concatenate(index_parts) if index_parts else np.zeros(0, DOCIDX_DTYPE)
         np.save(tmp / "index.npy", index, allow_pickle=False)
+        fim = np.array(fim_rows, dtype=FIMIDX_DTYPE)
+        if mixer.active:
+            np.save(tmp / "fim.npy", fim, allow_pickle=False)
+        unused = int((~used(index, spec.draws)).sum())
+        filtered_unused = sum(mixer.filtered_unused.values())
         summary = {
             "piece": spec.piece.describe(),
             "fingerprint": spec.piece.identity()["fingerprint"],
@@ -303,9 +353,15 @@ def map_piece(spec: MapSpec) -> dict:
             "rejected": dict(sorted(rejected.items())),
             "names": names,
             "valid_tokens": counts["tokens_valid"],
-            "epochs": _epochs(index, spec.draws),
-            "not_selected": int((~_used(index, spec.draws)).sum()),
+            "epochs": epochs(index, fim, spec.draws),
+            "not_selected": unused - filtered_unused,
         }
+        if mixer.compiled:
+            summary["filtered"] = {k: dict(sorted(v.items())) for k, v in sorted(mixer.filtered.items())}
+            summary["filtered_unused"] = dict(sorted(mixer.filtered_unused.items()))
+        if any(d.fim_rate > 0 for d in spec.draws):
+            summary["fim"] = {k: int(fim_counts[k]) for k in ("documents_fim", "fim_copies", "spm_copies",
+                                                                "tokens_fim")}
         write_json(tmp / SUMMARY, summary, atomic=False)
     return summary
 
@@ -321,24 +377,16 @@ def _check_row(row: TokenRow, L: int, vocab_size: int) -> Rejected | None:
     return None
 
 
-def _epochs(index: np.ndarray, draws: tuple[Draw, ...]) -> dict[str, list[list[int]]]:
-    """Per draw: ``[documents, tokens]`` of every epoch (documents with more than e copies, e = 0, 1, ...)."""
-    out = {}
-    for d in draws:
-        c = d.copies(index)
-        epochs = []
-        for e in range(int(c.max()) if c.size else 0):
-            sel = c > e
-            epochs.append([int(sel.sum()), int(index["ntok"][sel].sum())])
-        out[d.key] = epochs
-    return out
-
-
-def _used(index: np.ndarray, draws: tuple[Draw, ...]) -> np.ndarray:
-    used = np.zeros(len(index), dtype=bool)
-    for d in draws:
-        used |= d.copies(index) > 0
-    return used
+def load_fim_output(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(FIM copies, FIMIDX_DTYPE; their tokens as a uint8 memmap) of a finished map task; empty
+    arrays when the source has no FIM-transformed copies."""
+    path = folder / "fim.npy"
+    if not path.is_file():
+        return np.zeros(0, FIMIDX_DTYPE), np.zeros(0, np.uint8)
+    fim = np.load(path, allow_pickle=False)
+    blob = folder / "fim.bin"
+    size = blob.stat().st_size if blob.is_file() else 0
+    return fim, (np.memmap(blob, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8))
 
 
 def load_map_output(folder: Path) -> tuple[np.ndarray, np.ndarray]:

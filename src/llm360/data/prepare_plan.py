@@ -6,6 +6,11 @@ that piece's selected documents, each followed by its EOS. Prefix sums over thes
 every block's first position in the stream, every piece's first document number and validation
 offset, and the stage's rows (``tokens // (seq_len + 1)``); the partial last row is dropped.
 
+A stage's rows are split into its chunks in order: ``chunks`` of ``rows // chunks`` rows each
+(the rest dropped), or -- when the stage gives ``tokens_per_chunk``, or the run ``total_chunks``
+-- into the chunks that number asks for, the first ``rows_extra`` of them one row longer, so no row
+is dropped and sizes differ by at most one row (:func:`chunk_sizes`).
+
 The seeded permutation of each stage's rows (``np.random.default_rng([seed, stage])``) is
 computed here once and stored as its inverse: ``position[row]`` = where stage row ``row`` lands
 in the stage's chunks (``position // rows_per_chunk`` is the chunk, the rest its row there; at
@@ -25,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from llm360.config import DataConfig
+from llm360.data.filters import as_specs
 from llm360.data.prepare_map import Draw
 from llm360.errors import DataError
 from llm360.rundir.atomic import atomic_path, json_bytes
@@ -39,7 +45,10 @@ def stage_draws(data: DataConfig) -> dict[str, tuple[Draw, ...]]:
     out: dict[str, list[Draw]] = {s.name: [] for s in data.sources}
     for si, stage in enumerate(data.resolved_stages()):
         for ei, m in enumerate(stage.mix):
-            out[m.source].append(Draw(si, ei, float(m.weight), (float(m.part[0]), float(m.part[1]))))
+            out[m.source].append(Draw(si, ei, float(m.weight), (float(m.part[0]), float(m.part[1])),
+                                      slot=len(out[m.source]), filters=as_specs(m.filters),
+                                      fim_rate=float(m.fim_rate), spm_rate=float(m.spm_rate),
+                                      stage_name=stage.name))
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -63,6 +72,39 @@ class Block:
     start: int
     """First position in the stage's token stream."""
     tokens: int
+
+
+def chunk_sizes(rows: int, chunks: int) -> tuple[int, int]:
+    """(rows_per_chunk, rows_extra): ``rows`` split into ``chunks`` chunks as evenly as whole rows
+    allow -- the first ``rows_extra`` chunks have one row more."""
+    return rows // chunks, rows % chunks
+
+
+def share_chunks(rows: list[int], total: int) -> list[int]:
+    """``total`` chunks shared among stages in proportion to their rows (largest remainders, ties to
+    the earlier stage); a stage left with none takes one from the stage with the most."""
+    n = len(rows)
+    whole = sum(rows)
+    if whole == 0:
+        return [total - n + 1] + [1] * (n - 1)
+    quota = [r * total / whole for r in rows]
+    base = [int(q) for q in quota]
+    order = sorted(range(n), key=lambda i: (-(quota[i] - base[i]), i))
+    for i in order[: total - sum(base)]:
+        base[i] += 1
+    for i in range(n):
+        if base[i] == 0:
+            base[max(range(n), key=lambda k: (base[k], -k))] -= 1
+            base[i] = 1
+    return base
+
+
+def _stage_chunks(stage, n_rows: int, L: int) -> int:
+    """The chunks of a stage that gives chunks or tokens_per_chunk."""
+    if stage.chunks is not None:
+        return int(stage.chunks)
+    target = max(1, round(stage.tokens_per_chunk / L))  # rows per chunk asked for
+    return max(1, min(n_rows, round(n_rows / target)))
 
 
 def make_plan(data: DataConfig, summaries: list[list[dict]], row_length: int) -> dict:
@@ -93,11 +135,14 @@ def make_plan(data: DataConfig, summaries: list[list[dict]], row_length: int) ->
         blocks: list[list[int]] = []
         mix_json = []
         pos = 0
+        fim_tokens = 0
         for ei, m in enumerate(stage.mix):
             t = index_of[m.source]
-            per_piece = [s["epochs"].get(f"{si}/{ei}", []) for s in summaries[t]]
+            key = f"{si}/{ei}"
+            per_piece = [s["epochs"].get(key, []) for s in summaries[t]]
             n_epochs = max((len(e) for e in per_piece), default=0)
             docs = copies = toks = 0
+            fim = [0, 0, 0]  # copies FIM-transformed, of them in SPM order, their tokens
             for e in range(n_epochs):
                 for pi, ep in enumerate(per_piece):
                     if e < len(ep) and ep[e][1] > 0:
@@ -108,22 +153,62 @@ def make_plan(data: DataConfig, summaries: list[list[dict]], row_length: int) ->
                         toks += ep[e][1]
                         if e == 0:
                             docs += ep[e][0]
-            mix_json.append({"source": m.source, "weight": m.weight, "part": list(m.part),
-                             "documents": docs, "document_copies": copies, "tokens": toks})
+                        for j, x in enumerate(ep[e][2:5]):
+                            fim[j] += x
+            entry = {"source": m.source, "weight": m.weight, "part": list(m.part),
+                     "documents": docs, "document_copies": copies, "tokens": toks}
+            if m.filters:
+                filtered: dict[str, int] = {}
+                for s in summaries[t]:
+                    for f, n in s.get("filtered", {}).get(key, {}).items():
+                        filtered[f] = filtered.get(f, 0) + n
+                entry["filters"] = [f.model_dump(mode="json") for f in m.filters]
+                entry["filtered_by_mix"] = dict(sorted(filtered.items()))
+            if m.fim_rate > 0:
+                entry.update({"fim_rate": m.fim_rate, "spm_rate": m.spm_rate, "fim_copies": fim[0],
+                              "spm_copies": fim[1], "fim_tokens": fim[2]})
+                fim_tokens += fim[2]
+            mix_json.append(entry)
         total = pos
         n_rows = total // L
-        if n_rows < stage.chunks:
+        if stage.chunks is not None and n_rows < stage.chunks:
             raise DataError(
                 f"stage '{stage.name}' has {total} tokens, {n_rows} rows of seq_len + 1 = {L} tokens: "
                 f"too few for its {stage.chunks} chunks. Add data, lower data.seq_len or the stage's chunks."
             )
-        per_chunk = n_rows // stage.chunks
-        stages.append({
-            "index": si, "name": stage.name, "shuffle": stage.shuffle, "first_chunk": first_chunk,
-            "chunks": stage.chunks, "rows_packed": n_rows, "rows_per_chunk": per_chunk,
+        if n_rows < 1:
+            raise DataError(
+                f"stage '{stage.name}' has {total} tokens, not one row of seq_len + 1 = {L} tokens. "
+                "Add data or lower data.seq_len."
+            )
+        st = {
+            "index": si, "name": stage.name, "shuffle": stage.shuffle, "first_chunk": 0,
+            "chunks": 0, "rows_packed": n_rows, "rows_per_chunk": 0,
             "tokens_packed": total, "cap": n_rows * L, "mix": mix_json, "blocks": blocks,
-        })
-        first_chunk += stage.chunks
+        }
+        if stage.tokens_per_chunk is not None:
+            st["tokens_per_chunk"] = stage.tokens_per_chunk
+        if stage.uses_fim:
+            st["fim_tokens"] = fim_tokens
+        stages.append(st)
+    resolved = data.resolved_stages()
+    if data.total_chunks is not None:
+        counts = share_chunks([st["rows_packed"] for st in stages], data.total_chunks)
+        short = [(st["name"], st["rows_packed"], c) for st, c in zip(stages, counts, strict=True)
+                 if st["rows_packed"] < c]
+        if short:
+            name, rows, c = short[0]
+            raise DataError(f"stage '{name}' has {rows} rows, too few for the {c} chunks data.total_chunks = "
+                            f"{data.total_chunks} gives it. Add data, lower data.seq_len or total_chunks.")
+    else:
+        counts = [_stage_chunks(stage, st["rows_packed"], L) for stage, st in zip(resolved, stages, strict=True)]
+    for stage, st, c in zip(resolved, stages, counts, strict=True):
+        st["first_chunk"], st["chunks"] = first_chunk, c
+        if stage.chunks is not None:  # the stage's rows // chunks each, the rest dropped
+            st["rows_per_chunk"] = st["rows_packed"] // c
+        else:
+            st["rows_per_chunk"], st["rows_extra"] = chunk_sizes(st["rows_packed"], c)
+        first_chunk += c
     return {"format": PLAN_FORMAT, "seed": data.seed, "row_length": L, "source_names": names,
             "pieces": pieces, "stages": stages}
 
@@ -133,9 +218,23 @@ def plan_hash(plan: dict, salt: str) -> str:
     return hashlib.sha256(json_bytes(plan) + salt.encode()).hexdigest()[:20]
 
 
+def stage_rows(st: dict) -> int:
+    """Rows a planned stage keeps in its chunks."""
+    return int(st["rows_per_chunk"] * st["chunks"] + st.get("rows_extra", 0))
+
+
+def chunk_rows(st: dict, c: int) -> int:
+    """Rows of the stage's chunk ``c`` (0-based within the stage)."""
+    return int(st["rows_per_chunk"] + (1 if c < st.get("rows_extra", 0) else 0))
+
+
 def stage_json(st: dict) -> dict:
     """A stage's entry in the manifest."""
-    rows = st["rows_per_chunk"] * st["chunks"]
+    rows = stage_rows(st)
+    extra = {k: st[k] for k in ("tokens_per_chunk", "rows_extra") if k in st}
+    if "fim_tokens" in st:
+        extra["fim_tokens"] = int(st["fim_tokens"])
+        extra["fim_share"] = round(st["fim_tokens"] / st["tokens_packed"], 6) if st["tokens_packed"] else 0.0
     return {
         "name": st["name"],
         "index": st["index"],
@@ -149,6 +248,7 @@ def stage_json(st: dict) -> dict:
         "tokens_packed": int(st["tokens_packed"]),
         "tokens_dropped_partial_last_row": int(st["tokens_packed"] - st["cap"]),
         "mix": st["mix"],
+        **extra,
     }
 
 

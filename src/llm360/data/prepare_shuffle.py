@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llm360.data.prepare_map import Draw, load_map_output
+from llm360.data.prepare_map import Draw, load_fim_output, load_map_output
+from llm360.data.prepare_mix import block_copies, gather
 from llm360.rundir.atomic import atomic_path, write_json
-from llm360.rundir.data import PROVENANCE_DTYPE
+from llm360.rundir.data import PROVENANCE_DTYPE, PROVENANCE_FIM_DTYPE
 from llm360.rundir.layout import chunk_file, index_name, provenance_file
 from llm360.utils import sha256_file
 
@@ -51,6 +52,18 @@ class StageRows:
     """Tokens in the stage's rows: positions at or past this are the dropped partial last row."""
     positions: str
     """The stage's row -> position file (:func:`~llm360.data.prepare_plan.write_positions`)."""
+    rows_extra: int = 0
+    """The first this many chunks of the stage hold rows_per_chunk + 1 rows."""
+
+    def place(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chunk, row in the chunk, kept) of stage positions: positions past the stage's rows are
+        dropped by the uneven split."""
+        q, x = self.rows_per_chunk, self.rows_extra
+        long_rows = x * (q + 1)
+        late = pos >= long_rows
+        c = np.where(late, x + (pos - long_rows) // max(q, 1), pos // (q + 1))
+        r = np.where(late, (pos - long_rows) % max(q, 1), pos % (q + 1))
+        return self.first_chunk + c, r, pos < q * self.chunks + x
 
 
 @dataclass(frozen=True)
@@ -76,12 +89,20 @@ class ScatterSpec:
     blocks: tuple[ScatterBlock, ...]
     free_tokens: bool = True
     """Delete the piece's map tokens once its rows are scattered (at most one scratch copy of the tokens)."""
+    fim: bool = False
+    """The data set has FIM-transformed copies: provenance records carry their ``fim`` mark."""
 
 
-def segments(starts: np.ndarray, ends: np.ndarray, docs: np.ndarray, names: np.ndarray, table: int, L: int
-             ) -> dict[str, np.ndarray]:
+def provenance_dtype(fim: bool) -> np.dtype:
+    """The provenance record of a data set with (or without) FIM-transformed copies."""
+    return PROVENANCE_FIM_DTYPE if fim else PROVENANCE_DTYPE
+
+
+def segments(starts: np.ndarray, ends: np.ndarray, docs: np.ndarray, names: np.ndarray, table: int, L: int,
+             marks: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Split document spans [start, end) of a stage stream at row boundaries: int64 columns of the
-    provenance records (``row`` is the stage row), in stream order."""
+    provenance records (``row`` is the stage row), in stream order; ``fim`` too when ``marks`` (each
+    span's FIM mark) is given."""
     live = ends > starts
     starts, ends, docs, names = starts[live], ends[live], docs[live], names[live]
     first = starts // L
@@ -91,8 +112,11 @@ def segments(starts: np.ndarray, ends: np.ndarray, docs: np.ndarray, names: np.n
     row = first[rep] + k
     lo = np.maximum(starts[rep], row * L)
     hi = np.minimum(ends[rep], (row + 1) * L)
-    return {"row": row, "row_offset": lo - row * L, "length": hi - lo, "source": names[rep],
-            "table": np.full(len(rep), table, np.int64), "doc": docs[rep], "doc_offset": lo - starts[rep]}
+    out = {"row": row, "row_offset": lo - row * L, "length": hi - lo, "source": names[rep],
+           "table": np.full(len(rep), table, np.int64), "doc": docs[rep], "doc_offset": lo - starts[rep]}
+    if marks is not None:
+        out["fim"] = marks[live][rep]
+    return out
 
 
 def scatter_piece(spec: ScatterSpec) -> dict:
@@ -102,6 +126,9 @@ def scatter_piece(spec: ScatterSpec) -> dict:
     map_dir = Path(spec.map_dir)
     index, raw = load_map_output(map_dir)
     toks = raw.view(dtype) if raw.size else np.zeros(0, dtype)
+    fim, fraw = load_fim_output(map_dir)
+    ftoks = fraw.view(dtype) if fraw.size else np.zeros(0, dtype)
+    prov_dtype = provenance_dtype(spec.fim)
     ntok_all = index["ntok"].astype(np.int64)
     names = np.asarray(spec.names_map, np.int64)[index["name"].astype(np.int64)] if len(index) else np.zeros(0, np.int64)
     docs = index["doc"].astype(np.int64) + spec.doc_base
@@ -112,8 +139,15 @@ def scatter_piece(spec: ScatterSpec) -> dict:
         st = spec.stages[b.draw.stage]
         if st.index not in positions:
             positions[st.index] = np.load(st.positions, mmap_mode="r", allow_pickle=False)
-        sel = b.draw.copies(index) > b.epoch
-        ntok = ntok_all[sel]
+        transformed = b.draw.fim_rate > 0 and len(fim) > 0
+        if transformed:
+            rows_sel, offs, ntok, from_fim, marks = block_copies(index, fim, b.draw, b.epoch)
+            sel = np.zeros(len(index), bool)
+            sel[rows_sel] = True
+        else:
+            sel = b.draw.copies(index) > b.epoch
+            ntok = ntok_all[sel]
+            marks = np.zeros(len(ntok), np.int64)
         starts = b.start + np.cumsum(ntok) - ntok
         ends = starts + ntok
         over = np.clip(ends - np.maximum(starts, st.cap), 0, None)
@@ -122,22 +156,24 @@ def scatter_piece(spec: ScatterSpec) -> dict:
         b0, b1 = b.start, min(b.start + b.tokens, st.cap)
         if b1 <= b0:
             continue
-        stream = toks[np.repeat(sel, ntok_all)][: b1 - b0]
+        if transformed:
+            stream = gather(toks, ftoks, offs, ntok, from_fim, b1 - b0)
+        else:
+            stream = toks[np.repeat(sel, ntok_all)][: b1 - b0]
         r0, r1 = b0 // L, (b1 - 1) // L + 1
         pos = np.asarray(positions[st.index][r0:r1], dtype=np.int64)
-        limit = st.rows_per_chunk * st.chunks
-        chunk = st.first_chunk + pos // st.rows_per_chunk
-        pos_in = pos % st.rows_per_chunk
-        keep = pos < limit
+        chunk, pos_in, keep = st.place(pos)
 
-        seg = segments(starts, np.minimum(ends, st.cap), docs[sel], names[sel], spec.table, L)
+        seg = segments(starts, np.minimum(ends, st.cap), docs[sel], names[sel], spec.table, L,
+                       marks if spec.fim else None)
         local = seg["row"] - r0
         kept = keep[local]
         for name, n in zip(seg["source"][~kept].tolist(), seg["length"][~kept].tolist(), strict=True):
             dropped[name]["uneven_chunk_split"] += n
-        rec = np.empty(int(kept.sum()), PROVENANCE_DTYPE)
-        for col in ("row_offset", "length", "source", "table", "doc", "doc_offset"):
-            rec[col] = seg[col][kept]
+        rec = np.empty(int(kept.sum()), prov_dtype)
+        for col in prov_dtype.names:
+            if col != "row":
+                rec[col] = seg[col][kept]
         rec["row"] = pos_in[local[kept]]
         prov_rec.append(rec)
         prov_chunk.append(chunk[local[kept]])
@@ -161,6 +197,7 @@ def scatter_piece(spec: ScatterSpec) -> dict:
     write_json(Path(spec.result), result)
     if spec.free_tokens:
         (map_dir / "tokens.bin").unlink(missing_ok=True)
+        (map_dir / "fim.bin").unlink(missing_ok=True)
     return result
 
 
@@ -183,7 +220,7 @@ def _write_scatter(path: Path, spec: ScatterSpec, rows_key: list, rows_tok: list
     ptok = np.concatenate(ptoks).astype(dtype) if ptoks else np.zeros(0, dtype)
     pc = np.concatenate(prov_chunk) if prov_chunk else np.zeros(0, np.int64)
     qorder = np.argsort(pc, kind="stable")
-    prov = (np.concatenate(prov_rec) if prov_rec else np.zeros(0, PROVENANCE_DTYPE))[qorder]
+    prov = (np.concatenate(prov_rec) if prov_rec else np.zeros(0, provenance_dtype(spec.fim)))[qorder]
     pc = pc[qorder]
     edges = np.arange(n + 1)
     table = np.stack([np.searchsorted(row_chunks, edges), np.searchsorted(part_chunks, edges),
@@ -197,9 +234,10 @@ def _write_scatter(path: Path, spec: ScatterSpec, rows_key: list, rows_tok: list
 class _Scattered:
     """One piece's scatter file, opened for the reduce of one chunk."""
 
-    def __init__(self, path: Path, chunk: int, L: int, dtype: np.dtype) -> None:
+    def __init__(self, path: Path, chunk: int, L: int, dtype: np.dtype, prov_dtype: np.dtype = PROVENANCE_DTYPE
+                 ) -> None:
         self.fd = os.open(path, os.O_RDONLY)
-        self.path, self.L, self.dtype = path, L, dtype
+        self.path, self.L, self.dtype, self.prov_dtype = path, L, dtype, prov_dtype
         if self._read(0, len(_MAGIC)) != _MAGIC:
             raise AssertionError(f"{path} is not a scatter file")
         n, self.n_rows, self.n_part, self.n_ptok, self.n_prov, _, _, _ = np.frombuffer(
@@ -237,8 +275,8 @@ class _Scattered:
                              ).reshape(hi - lo, self.L)
 
     def provenance(self) -> np.ndarray:
-        size = PROVENANCE_DTYPE.itemsize
-        return np.frombuffer(self._read(self.o_prov + self.qa * size, (self.qb - self.qa) * size), PROVENANCE_DTYPE)
+        size = self.prov_dtype.itemsize
+        return np.frombuffer(self._read(self.o_prov + self.qa * size, (self.qb - self.qa) * size), self.prov_dtype)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -256,6 +294,8 @@ class ReduceSpec:
     """A JSON list of the scatter files of every piece with rows in this chunk's stage."""
     out_dir: str
     result: str
+    fim: bool = False
+    """Provenance records carry the ``fim`` mark of FIM-transformed copies (and the result counts their tokens)."""
 
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -263,6 +303,15 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     np.lib.format.write_array_header_1_0(
         buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
     return buf.getvalue()
+
+
+def _fim_counts(prov: np.ndarray, names: tuple[str, ...], fim: bool) -> dict:
+    """``{"fim_tokens_per_source": {...}}`` of a chunk's provenance with FIM marks (else {})."""
+    if not fim:
+        return {}
+    sel = prov[prov["fim"] > 0]
+    tokens = np.bincount(sel["source"], weights=sel["length"], minlength=len(names))
+    return {"fim_tokens_per_source": {names[i]: int(t) for i, t in enumerate(tokens) if t}}
 
 
 def reduce_chunk(spec: ReduceSpec) -> dict:
@@ -284,7 +333,7 @@ def reduce_chunk(spec: ReduceSpec) -> dict:
             os.write(fd, header)
             os.ftruncate(fd, len(header) + rows * row_bytes)
             for path in json.loads(Path(spec.scattered).read_text()):
-                p = _Scattered(Path(path), c, L, dtype)
+                p = _Scattered(Path(path), c, L, dtype, provenance_dtype(spec.fim))
                 try:
                     if len(p.pos):
                         block = p.rows(0, len(p.pos))
@@ -305,7 +354,7 @@ def reduce_chunk(spec: ReduceSpec) -> dict:
         if covered != rows * L:
             raise AssertionError(f"chunk {c}: {covered} tokens placed, expected {rows * L}")
         sha = sha256_file(tmp)
-    prov = np.concatenate(provs) if provs else np.zeros(0, PROVENANCE_DTYPE)
+    prov = np.concatenate(provs) if provs else np.zeros(0, provenance_dtype(spec.fim))
     prov = prov[np.lexsort((prov["row_offset"], prov["row"]))]
     pbuf = io.BytesIO()
     np.save(pbuf, prov, allow_pickle=False)
@@ -324,6 +373,7 @@ def reduce_chunk(spec: ReduceSpec) -> dict:
         "tokens": int(rows * L),
         "tokens_per_source": {names[i]: int(t) for i, t in enumerate(tokens) if t},
         "document_spans_per_source": {names[i]: int(s) for i, s in enumerate(spans) if s},
+        **_fim_counts(prov, names, spec.fim),
         "sha256": sha,
         "bytes": len(header) + rows * row_bytes,
         "provenance_sha256": hashlib.sha256(pbuf.getvalue()).hexdigest(),

@@ -461,11 +461,13 @@ def _iter_snapshot(name: str, path: Path, max_chars: int, min_chars: int) -> Ite
         if "rejected" in obj:
             yield Rejected(name, doc_id, str(obj["rejected"]), str(obj.get("detail", "")))
         else:
-            yield _check_text(name, doc_id, obj["text"], max_chars, min_chars)
+            yield _check_text(name, doc_id, obj["text"], max_chars, min_chars, obj.get("fields"))
 
 
-def _check_text(name: str, doc_id: str, text: str, max_chars: int, min_chars: int) -> Document | Rejected:
-    """The Document, or the rejection for a text that is too long or (nearly) empty."""
+def _check_text(name: str, doc_id: str, text: str, max_chars: int, min_chars: int,
+                fields: dict | None = None) -> Document | Rejected:
+    """The Document (carrying its record's ``fields``), or the rejection for a text that is too long
+    or (nearly) empty."""
     n = len(text)
     if n > max_chars:
         return Rejected(name, doc_id, "too_large", f"{n} chars > max_document_chars={max_chars}")
@@ -478,7 +480,7 @@ def _check_text(name: str, doc_id: str, text: str, max_chars: int, min_chars: in
                 "empty",
                 f"{len(text.strip())} chars after stripping < min_document_chars={min_chars}",
             )
-    return Document(name, doc_id, text)
+    return Document(name, doc_id, text, fields)
 
 
 def _decode_json_line(name: str, doc_id: str, line: bytes, lineno: int) -> Any:
@@ -565,7 +567,7 @@ def _iter_jsonl(
                 name, doc_id, "invalid_utf8", "the text holds an unpaired UTF-16 surrogate escape (\\udXXX)"
             )
             continue
-        yield _check_text(name, doc_id, text, max_chars, min_chars)
+        yield _check_text(name, doc_id, text, max_chars, min_chars, obj)
 
 
 def _json_type(value: object) -> str:
@@ -669,10 +671,11 @@ def _arrow_texts(column: pa.Array | pa.ChunkedArray) -> list[str | bytes | None]
 
 
 def _check_value(
-    name: str, doc_id: str, value: str | bytes | None, field: str, max_chars: int, min_chars: int
+    name: str, doc_id: str, value: str | bytes | None, field: str, max_chars: int, min_chars: int,
+    fields: dict | None = None,
 ) -> Document | Rejected:
     if type(value) is str:
-        return _check_text(name, doc_id, value, max_chars, min_chars)
+        return _check_text(name, doc_id, value, max_chars, min_chars, fields)
     if value is None:
         return Rejected(name, doc_id, "text_not_a_string", f"{field!r} is null")
     try:
@@ -689,12 +692,21 @@ def _column_error(path: Path, field: str, names: list[str], what: str) -> DataEr
     )
 
 
+def _row_fields(table: Any, extra: list[str], first: int) -> list[dict | None]:
+    """Per row of a record batch or table, the given columns (from position ``first`` on) as a dict."""
+    if not extra:
+        return [None] * table.num_rows
+    cols = [table.column(first + i).to_pylist() for i in range(len(extra))]
+    return [dict(zip(extra, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
 def _iter_parquet(
     name: str, path: Path, label: str, field: str, max_chars: int, min_chars: int, batch_size: int = 1024,
-    *, groups: tuple[int, int] | None = None, first_row: int = 0,
+    *, groups: tuple[int, int] | None = None, first_row: int = 0, columns: tuple[str, ...] = (),
 ) -> Iterator[Document | Rejected]:
     """The rows of a Parquet file, or of its row groups ``[groups[0], groups[1])`` whose first row is
-    row ``first_row`` of the file."""
+    row ``first_row`` of the file. ``columns``: other columns each Document carries in its fields
+    (those the file has)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -711,13 +723,14 @@ def _iter_parquet(
         ftype = schema.field(field).type
         if not _text_type_ok(ftype):
             raise DataError(f"{path}: column {field!r} has type {ftype}, expected a string column")
+        extra = [c for c in columns if c in schema.names and c != field]
         row = first_row
         for group in range(*(groups or (0, pf.num_row_groups))):
             try:
-                for batch in pf.iter_batches(batch_size=batch_size, row_groups=[group], columns=[field]):
+                for batch in pf.iter_batches(batch_size=batch_size, row_groups=[group], columns=[field, *extra]):
                     values = _arrow_texts(batch.column(0))
-                    for v in values:
-                        yield _check_value(name, f"{label}:{row}", v, field, max_chars, min_chars)
+                    for v, fields in zip(values, _row_fields(batch, extra, 1), strict=True):
+                        yield _check_value(name, f"{label}:{row}", v, field, max_chars, min_chars, fields)
                         row += 1
             except (pa.ArrowException, OSError) as e:
                 raise DataError(
@@ -793,7 +806,8 @@ def _hf_data_files(split_dir: Path) -> list[Path]:
 
 
 def _iter_hf_dataset(
-    name: str, root: Path, root_label: str, field: str, max_chars: int, min_chars: int, batch_size: int = 1024
+    name: str, root: Path, root_label: str, field: str, max_chars: int, min_chars: int, batch_size: int = 1024,
+    *, columns: tuple[str, ...] = (),
 ) -> Iterator[Document | Rejected]:
     split_dir = _hf_split_dir(root)
     try:
@@ -815,11 +829,12 @@ def _iter_hf_dataset(
     if not _text_type_ok(ftype):
         raise DataError(f"{split_dir}: column {field!r} has type {ftype}, expected a string column")
     label = (PurePosixPath(root_label) / split_dir.relative_to(root).as_posix()).as_posix()
+    extra = [c for c in columns if c in ds.column_names and c != field]
     row = 0
     try:
-        for table in ds.select_columns([field]).with_format("arrow").iter(batch_size=batch_size):
-            for v in _arrow_texts(table.column(0)):
-                yield _check_value(name, f"{label}:{row}", v, field, max_chars, min_chars)
+        for table in ds.select_columns([field, *extra]).with_format("arrow").iter(batch_size=batch_size):
+            for v, fields in zip(_arrow_texts(table.column(0)), _row_fields(table, extra, 1), strict=True):
+                yield _check_value(name, f"{label}:{row}", v, field, max_chars, min_chars, fields)
                 row += 1
     except (pa.ArrowException, OSError) as e:
         raise DataError(

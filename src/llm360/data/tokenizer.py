@@ -70,6 +70,30 @@ class TextTokenizer:
             return self._hf.id_to_token(int(i)) or ""
         return self._spm.id_to_piece(int(i))
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a whole token (e.g. a special token), or None when the vocabulary lacks it."""
+        if self.kind == "hf":
+            i = self._hf.token_to_id(token)
+            return None if i is None else int(i)
+        i = self._spm.piece_to_id(token)
+        return int(i) if i is not None and i >= 0 and self._spm.id_to_piece(i) == token else None
+
+    def fim_ids(self, names: tuple[str, ...], where: str = "the tokenizer") -> tuple[int, int, int]:
+        """The ids of the FIM sentinels (prefix, middle, suffix) ``names[:3]``.
+
+        Raises DataError naming every one the vocabulary lacks, and what to do.
+        """
+        ids = [self.token_id(t) for t in names[:3]]
+        missing = [t for t, i in zip(names[:3], ids, strict=True) if i is None]
+        if missing:
+            raise DataError(
+                f"{where} has no token for the fill-in-the-middle sentinel(s) {missing} that a mix entry "
+                "with fim_rate > 0 needs; use a tokenizer with them (StarCoder's names them "
+                "<fim_prefix>, <fim_middle>, <fim_suffix>), add them as special tokens, set "
+                "data.tokenizer.fim_tokens to the names it uses, or train one (data.tokenizer.kind: train)"
+            )
+        return ids[0], ids[1], ids[2]  # type: ignore[return-value]
+
     # -- persistence ------------------------------------------------------------------------
     def serialized(self) -> tuple[str, bytes]:
         """(kind, bytes) enough to rebuild this tokenizer in a worker process."""
@@ -199,8 +223,12 @@ def _guess_eos(folder: Path, hf) -> str | None:
     return None
 
 
-def train_bpe(texts: Iterator[str], cfg: TokenizerConfig) -> tuple[TextTokenizer, dict]:
-    """Train a byte-level BPE on texts (already capped by the caller); deterministic for equal input."""
+def train_bpe(texts: Iterator[str], cfg: TokenizerConfig, extra_special: tuple[str, ...] = ()
+              ) -> tuple[TextTokenizer, dict]:
+    """Train a byte-level BPE on texts (already capped by the caller); deterministic for equal input.
+
+    ``extra_special``: special tokens besides the EOS (the FIM sentinels), given ids right after it.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -208,13 +236,15 @@ def train_bpe(texts: Iterator[str], cfg: TokenizerConfig) -> tuple[TextTokenizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
-        special_tokens=[cfg.eos_token],
+        special_tokens=[cfg.eos_token, *(t for t in extra_special if t != cfg.eos_token)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
         min_frequency=2,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     origin = {"trained": "byte-level BPE (tokenizers)", "vocab_size": cfg.vocab_size}
+    if extra_special:
+        origin["special_tokens"] = [cfg.eos_token, *extra_special]
     return TextTokenizer(kind="hf", eos_token=cfg.eos_token, hf=tok), origin
 
 

@@ -151,7 +151,21 @@ def _data_mix_lines(facts: RunFacts, root: Path, cfg: dict) -> list[str]:
     lines += ["", f"{manifest.get('num_chunks')} chunks of {manifest.get('seq_len')}-token sequences "
               f"(+1 target token per row), dtype {manifest.get('token_dtype')}, vocabulary "
               f"{manifest.get('vocab_size')}, data seed {manifest.get('seed')}."]  # fmt: skip
-    return lines + _raw_sources_lines(root, cfg) + _embedded_lines(manifest)
+    return lines + _fim_lines(manifest) + _raw_sources_lines(root, cfg) + _embedded_lines(manifest)
+
+
+def _fim_lines(manifest: dict) -> list[str]:
+    """The fill-in-the-middle share of each stage's tokens, and the rates that made it (when any stage has FIM)."""
+    stages = [st for st in manifest.get("stages", []) if isinstance(st, dict) and "fim_share" in st]
+    if not stages:
+        return []
+    lines = ["", "Fill-in-the-middle (StarCoder's sentinels, PSM and SPM order):", "",
+             "| stage | FIM share of its tokens | FIM-transformed entries |", "| --- | ---: | --- |"]
+    for st in stages:
+        entries = ", ".join(f"{m.get('source')} (rate {m.get('fim_rate')}, SPM {m.get('spm_rate')}, "
+                            f"{m.get('fim_copies', 0):,} copies)" for m in st.get("mix", []) if m.get("fim_rate"))
+        lines.append(f"| {st.get('name')} | {float(st['fim_share']):.1%} | {entries} |")
+    return lines
 
 
 def _embedded_lines(manifest: dict) -> list[str]:

@@ -176,14 +176,19 @@ def data_section(facts: RunFacts, ids: Ids) -> Section:
     stages = [s for s in as_list(m.get("stages")) if isinstance(s, dict)]
     if stages:
         srows = []
+        any_fim = any("fim_share" in st for st in stages)
         for st in stages:
             first, count = as_int(st.get("first_chunk")), as_int(st.get("chunks"))
             span = f"{first}–{first + count - 1}" if first is not None and count is not None else "?"
             mix = "; ".join(f"{as_text(x.get('source'))} ×{fmt_value(x.get('weight'))} "
-                            f"({fmt_si(as_num(x.get('tokens')) or 0)} tokens)"
+                            f"({fmt_si(as_num(x.get('tokens')) or 0)} tokens"
+                            + (f", FIM {fmt_value(x.get('fim_rate'))} SPM {fmt_value(x.get('spm_rate'))}"
+                               if x.get("fim_rate") else "") + ")"
                             for x in as_list(st.get("mix")) if isinstance(x, dict))  # fmt: skip
-            srows.append((as_text(st.get("name")), span, st.get("rows_per_chunk"), mix))
-        parts.append("<h3>Stages</h3>" + table(("stage", "chunks", "rows per chunk", "mix"), srows, numeric=(2,)))
+            row = (as_text(st.get("name")), span, st.get("rows_per_chunk"), mix)
+            srows.append((*row, pct(as_num(st.get("fim_share")) or 0.0)) if any_fim else row)
+        head = ("stage", "chunks", "rows per chunk", "mix") + (("FIM share of tokens",) if any_fim else ())
+        parts.append("<h3>Stages</h3>" + table(head, srows, numeric=(2, 4) if any_fim else (2,)))
     if chunks and names:
         cats = [as_text(c.get("name", c.get("index", i))) for i, c in enumerate(chunks)]
         stacks = [(n, [tokens(tps, n) for tps in per_chunk], color(i)) for i, n in enumerate(names)]

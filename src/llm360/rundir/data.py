@@ -47,6 +47,10 @@ PROVENANCE_DTYPE = np.dtype(
         ("doc_offset", "<u4"),  # token offset within that document
     ]
 )
+PROVENANCE_FIM_DTYPE = np.dtype([*PROVENANCE_DTYPE.descr, ("fim", "<u2")])
+"""The provenance of a data set with fill-in-the-middle copies: ``fim`` = 0 for a span of a document
+as it is, k for a span of its k-th FIM-transformed copy (entry k of the ``fim`` list of its line in
+data/documents/<source>.jsonl.gz, which says how the copy's tokens map to the original text)."""
 
 
 def chunk_row_order(chunk: int, rows: int, reseeds: int, seed: int) -> np.ndarray | None:
@@ -203,7 +207,7 @@ class DataStore:
     def provenance(self, i: int) -> np.ndarray:
         path = self.dir / self.manifest["chunks"][i]["provenance"]
         arr = np.load(path, allow_pickle=False)
-        if arr.dtype != PROVENANCE_DTYPE:
+        if arr.dtype not in (PROVENANCE_DTYPE, PROVENANCE_FIM_DTYPE):
             raise DataError(f"{path} has an unexpected record layout {arr.dtype}")
         return arr
 
@@ -229,6 +233,7 @@ class DataStore:
                 "row_offset": int(rec["row_offset"]),
                 "length": int(rec["length"]),
                 "doc_offset": int(rec["doc_offset"]),
+                **({"fim": int(rec["fim"])} if "fim" in recs.dtype.names else {}),
             })
         return out
 
