@@ -222,6 +222,21 @@ def _die_once(marker: str, x: int) -> int:
     return x + 1
 
 
+def _always_die(x: int) -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def test_a_task_that_always_kills_its_worker_fails_alone_with_keep_going():
+    tasks = [Task("a", _square, (2,)), Task("killer", _always_die, (0,)), Task("b", _square, (3,))]
+    with InProcessExecutor(workers=2, max_restarts=1) as ex:
+        got = ex.run(tasks, progress_label="x", keep_going=True)
+        assert got[0] == 4 and got[2] == 9
+        assert isinstance(got[1], TaskError) and got[1].key == "killer" and "worker process died" in str(got[1])
+        with pytest.raises(TaskFailed, match="a worker process died 2 times while running"):
+            ex.run(tasks, progress_label="x")  # without keep_going the run stops, naming it
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_executor_results_in_task_order_and_errors_name_the_task(workers, tmp_path):
     with InProcessExecutor(workers=workers) as ex:

@@ -39,7 +39,9 @@ class InProcessExecutor(Executor):
     :meth:`close`; each computes on one thread (``OMP_NUM_THREADS=1``, ``RAYON_NUM_THREADS=1``
     ...) unless ``single_thread=False``. A worker that dies mid-task (SIGKILL, the out-of-memory
     killer) breaks the pool: it is started again and the unfinished tasks are resubmitted, at most
-    ``max_restarts`` times per run, after which :class:`TaskFailed` names the tasks in flight.
+    ``max_restarts`` times per run, after which :class:`TaskFailed` names the tasks in flight; with
+    ``keep_going`` the unfinished tasks then run one at a time, and only a task whose worker dies
+    again gets a :class:`TaskError`.
     """
 
     name = "local"
@@ -143,6 +145,9 @@ class InProcessExecutor(Executor):
                     self._kill_pool()
                     restarts += 1
                     keys = ", ".join(tasks[i].key for i in todo[:5])
+                    if restarts > self.max_restarts and keep_going:
+                        self._isolate(tasks, todo, results)  # only the tasks that kill their worker fail
+                        break
                     if restarts > self.max_restarts:
                         raise TaskFailed(
                             tasks[todo[0]].key,
@@ -151,6 +156,22 @@ class InProcessExecutor(Executor):
                         )
                     logger.warning("a worker process died; running %d unfinished task(s) again (%s)", len(todo), keys)
         return results
+
+    def _isolate(self, tasks: Sequence[Task], todo: list[int], results: list[Any]) -> None:
+        """Run each of ``todo`` alone in a fresh worker: a task whose worker dies again gets a TaskError
+        (the others in flight with it when the pool broke are not blamed)."""
+        for i in todo:
+            try:
+                results[i] = self._get_pool().submit(_call, tasks[i]).result()
+            except BrokenProcessPool:
+                self._kill_pool()
+                lost = TaskFailed(tasks[i].key, "its worker process died each time it ran it; see the system "
+                                                "log (out of memory?)")
+                logger.warning("%s", lost)
+                results[i] = task_error(tasks[i].key, lost)
+            except Exception as e:
+                logger.warning("task %s failed: %s", tasks[i].key, e)
+                results[i] = task_error(tasks[i].key, e)
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
