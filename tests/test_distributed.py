@@ -121,17 +121,22 @@ def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, pa
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
 
 
+def first_chunk_and_the_rest(cfg, tmp: Path) -> tuple[Path, Path]:
+    """Config files for training chunk 0 only, and for the whole run (what a second launch resumes)."""
+    raw = cfg.model_dump(mode="json")
+    raw["train"]["max_chunks"] = 1
+    first, rest = tmp / "first.yaml", tmp / "rest.yaml"
+    first.write_text(to_yaml(validate_config(raw)))
+    rest.write_text(to_yaml(cfg))
+    return first, rest
+
+
 @pytest.mark.slow
 def test_hsdp_two_by_two_matches_one_process_and_resumes_its_own_blocks(tmp_path: Path):
     """HSDP on 4 ranks (2 shard groups of 2): the same losses as one process, step by step, and a resume
     that reads (replicated x sharded) blocks back."""
     cfg = tiny_run_config(tmp_path, parallelism="hsdp", shard_group_size=2, micro_batch_sequences=2)
-    raw = cfg.model_dump(mode="json")
-    raw["train"]["max_chunks"] = 1
-    first = tmp_path / "first.yaml"
-    first.write_text(to_yaml(validate_config(raw)))
-    rest = tmp_path / "rest.yaml"
-    rest.write_text(to_yaml(cfg))
+    first, rest = first_chunk_and_the_rest(cfg, tmp_path)
     single_cfg = validate_config({**cfg.model_dump(mode="json"),
                                   "train": {**cfg.model_dump(mode="json")["train"], "parallelism": "ddp",
                                             "shard_group_size": None}})
@@ -161,12 +166,7 @@ def test_four_rank_sharded_checkpoint_resumes_on_three_ranks_and_on_one(tmp_path
     from it on 3 ranks and, separately, on 1 process: both end where an uninterrupted run ends."""
     cfg = tiny_run_config(tmp_path, parallelism="fsdp", checkpoint_shard_mb=0.02,  # 20 kB files
                           global_batch_sequences=12, micro_batch_sequences=1)  # 12 splits over 4 and 3
-    raw = cfg.model_dump(mode="json")
-    raw["train"]["max_chunks"] = 1
-    first = tmp_path / "first.yaml"
-    first.write_text(to_yaml(validate_config(raw)))
-    rest = tmp_path / "rest.yaml"
-    rest.write_text(to_yaml(cfg))
+    first, rest = first_chunk_and_the_rest(cfg, tmp_path)
     prepare(cfg, tmp_path / "single")
     train(cfg, tmp_path / "single")
     prepare(cfg, tmp_path / "on3")
