@@ -11,7 +11,7 @@ from llm360.config.base import Section, seed_field
 
 class EvalConfig(Section):
     tasks: list[str] = Field(default_factory=lambda: ["perplexity", "demo"])
-    """What to evaluate: `perplexity` (held-out, per source), presets `openllm`, `code` and `demo`, lm-eval task names (`name:N` for N-shot) or task YAML files."""
+    """What to evaluate: `perplexity` (held-out, per source), presets `openllm`, `code` (greedy pass@1), `code_sampled` (pass@1 over 20 samples at the CrystalCoder card's temperatures) and `demo`, lm-eval task names (`name:N` for N-shot) or task YAML files."""
     task_paths: list[str] = Field(default_factory=list)
     """Extra folders of lm-eval task YAML files; their tasks can then be named in `tasks`."""
     checkpoints: list[str] | None = None
@@ -35,7 +35,7 @@ class EvalConfig(Section):
     allow_downloads: bool = False
     """Let lm-eval download datasets from the Hugging Face Hub; off: offline, tasks whose data is not cached locally are reported and skipped."""
     allow_code_execution: bool = False
-    """Run tasks that execute the model's generated code (HumanEval, MBPP: the `code` preset); only in a sandbox."""
+    """Run tasks that execute the model's generated code (HumanEval, MBPP: the `code` and `code_sampled` presets); only in a sandbox."""
     watch_interval_s: float = Field(30.0, gt=0)
     """With --watch: seconds between two looks for new checkpoints."""
     watch_idle_timeout_s: float | None = Field(None, gt=0)

@@ -8,7 +8,7 @@ Front door: :func:`evaluate` (``llm360 eval``). Pieces:
 * :mod:`llm360.eval.perplexity` -- mean token NLL on each source's held-out rows;
 * :mod:`llm360.eval.adapter` -- :class:`LLM360LM`, lm-eval's ``llm360`` model running our Llama;
 * :mod:`llm360.eval.harness` -- lm-eval task discovery, offline checks, running one task;
-* :mod:`llm360.eval.specs` -- task names, the ``openllm`` and ``demo`` presets;
+* :mod:`llm360.eval.specs` -- task names, the ``openllm``, ``code``, ``code_sampled`` and ``demo`` presets;
 * ``llm360/eval/tasks/`` -- the demo tasks (lm-eval YAML + JSONL), made by :mod:`llm360.eval.demo`.
 
 lm-eval is imported only when an lm-eval task runs, so ``perplexity`` alone does not need it.

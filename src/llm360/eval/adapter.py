@@ -8,11 +8,21 @@ with our model, exactly as lm-eval's own ``hf`` model (``HFLM``) would with tran
   the last ``max_length + 1`` tokens, batches are sorted by length and padded on the right.
 * ``loglikelihood_rolling`` -- the log-likelihood of a whole text in windows of ``max_length``
   tokens, each token predicted once (lm-eval's rolling windows).
-* ``generate_until`` -- greedy continuation with the KV cache until a stop string, EOS or
+* ``generate_until`` -- continuation with the KV cache until a stop string, EOS or
   ``max_gen_toks``. Prompts of any lengths share a batch (sorted by length, longest first): they
   are padded on the right and prefilled once, then every row decodes at its own position
   (``llm360.model.llama.decode_step``), so padding is never attended; rows that are done leave
-  the batch.
+  the batch. Greedy unless the request samples (below).
+
+Sampling. A request whose generation kwargs sample (``do_sample: true`` with ``temperature > 0``,
+or a ``temperature > 0`` without ``do_sample``, as lm-eval normalises them) draws each token from
+softmax(logits / temperature), cut to ``top_k`` and ``top_p`` (nucleus, as transformers' warpers)
+when given. Every request has its own ``torch.Generator`` (on the CPU, so the random numbers are the
+same on any device), seeded from ``seed``, the request's context and its index among identical
+requests (same context and generation kwargs: lm-eval's ``repeats: n`` sends n of them, and each
+gets its own sample). A sample therefore depends only on (seed, context, index, model), never on the
+batch size or the order of the requests; the same seed gives the same texts. ``do_sample: false``
+or ``temperature: 0`` is greedy, bit for bit the greedy path.
 
 The tokenizer is ``transformers.AutoTokenizer`` on the checkpoint folder, the one ``HFLM`` loads,
 so both models see the same token ids. ``tests/test_eval.py`` checks the two give the same scores.
@@ -23,9 +33,12 @@ once this module is imported: ``lm_eval.api.registry.get_model("llm360")``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,6 +59,76 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 _CHECK_EVERY = 8
 """New tokens generated between looks for stop strings (rows that stopped then leave the batch)."""
+DEFAULT_SEED = 1234
+"""Seed of sampled generations when none is given (``seed=`` in lm-eval's ``--model_args``)."""
+_SAMPLING_KEYS = {"do_sample", "temperature", "top_p", "top_k"}
+"""Generation kwargs this model understands besides ``until`` and ``max_gen_toks``."""
+
+Sampling = tuple[float, float, int]
+"""(temperature > 0, top_p in (0, 1], top_k >= 0 with 0 = all tokens) of a sampled request."""
+
+
+def request_seed(seed: int, context: str, repeat: int) -> int:
+    """The seed of one sampled request: a 63-bit hash of (seed, repeat index, context)."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{int(repeat)}\x00{context}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sampling_of(kwargs: dict[str, Any]) -> Sampling | None:
+    """A request's sampling settings from its normalised generation kwargs; None means greedy.
+
+    Raises ValueError for a top_p outside (0, 1] or a negative top_k (a broken task config).
+    """
+    temperature = float(kwargs.get("temperature") or 0.0)
+    if not kwargs.get("do_sample") or temperature <= 0.0:
+        return None
+    top_p = float(kwargs.get("top_p") if kwargs.get("top_p") is not None else 1.0)
+    top_k = int(kwargs.get("top_k") or 0)
+    if not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ValueError(f"generation kwargs top_p={top_p}, top_k={top_k}: expected 0 < top_p <= 1 and top_k >= 0")
+    return temperature, top_p, top_k
+
+
+def sample_tokens(logits_NV: torch.Tensor, u_N: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """One token per row drawn from softmax(logits / temperature) cut to top_k / top_p, by inverse CDF.
+
+    ``u_N`` holds one uniform number in [0, 1) per row (float64); the token is the first, in order
+    of falling probability (ties by token id), whose cumulative kept mass exceeds u times the kept
+    total. top_p keeps the most likely tokens while the mass before them is below top_p (at least
+    one), as transformers' ``TopPLogitsWarper``.
+    """
+    temperature, top_p, top_k = sampling
+    probs_NV = torch.softmax(logits_NV.float() / temperature, dim=-1)
+    p_NV, order_NV = torch.sort(probs_NV, dim=-1, descending=True, stable=True)
+    keep_NV = torch.ones_like(p_NV, dtype=torch.bool)
+    if top_k:
+        keep_NV[:, top_k:] = False
+    if top_p < 1.0:
+        keep_NV &= (p_NV.cumsum(dim=-1) - p_NV) < top_p
+    keep_NV[:, 0] = True
+    cdf_NV = (p_NV * keep_NV).double().cumsum(dim=-1)
+    target_N1 = (u_N.to(cdf_NV.device, torch.float64) * cdf_NV[:, -1])[:, None]
+    j_N1 = torch.searchsorted(cdf_NV, target_N1, right=True)
+    j_N1 = torch.minimum(j_N1, keep_NV.sum(dim=-1, keepdim=True) - 1)  # u * total rounded up to total
+    return order_NV.gather(1, j_N1)[:, 0]
+
+
+def _sampler(
+    sampling: Sampling, seeds: list[int], rows: int
+) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    """(logits of the active rows, their prompt numbers) -> one sampled token per row.
+
+    Prompt r draws from its own CPU generator seeded with seeds[r], one number per token.
+    """
+    if len(seeds) != rows:
+        raise ValueError(f"sampled generation needs one seed per prompt: {len(seeds)} seeds for {rows} prompts")
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def pick(logits_NV: torch.Tensor, active: list[int]) -> torch.Tensor:
+        u_N = torch.cat([torch.rand(1, generator=gens[r], dtype=torch.float64) for r in active])
+        return sample_tokens(logits_NV, u_N, sampling)
+
+    return pick
 
 
 @register_model("llm360")
@@ -63,12 +146,14 @@ class LLM360LM(TemplateLM):
         dtype: str | torch.dtype = "float32",
         max_length: int | None = None,
         max_gen_toks: int = 256,
+        seed: int = DEFAULT_SEED,
         **unused: Any,
     ) -> None:
         """Load ``pretrained`` (a checkpoint or Hugging Face folder), or wrap a loaded ``model``.
 
         ``tokenizer`` is a folder or a loaded transformers tokenizer; default: ``pretrained``.
         ``max_length`` defaults to the model's ``max_seq_len``. ``batch_size`` is in sequences.
+        ``seed`` seeds sampled generations (see the module docstring); greedy ones ignore it.
         """
         super().__init__()
         unused = {k: v for k, v in unused.items() if v is not None and k != "max_batch_size"}
@@ -100,7 +185,8 @@ class LLM360LM(TemplateLM):
         self._batch_size = max(1, int(batch_size))  # type: ignore[arg-type]
         self._max_length = int(max_length or model.cfg.max_seq_len or 2048)
         self._max_gen_toks = int(max_gen_toks)
-        self._warned_sampling = False
+        self.seed = int(seed)
+        self._warned_kwargs: set[str] = set()
 
     # ------------------------------------------------------------------ properties lm-eval reads
     @property
@@ -141,6 +227,7 @@ class LLM360LM(TemplateLM):
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(next(self.model.parameters()).dtype),
             "max_length": self.max_length,
+            "generation_seed": self.seed,
         }
 
     # ------------------------------------------------------------------ tokens
@@ -241,18 +328,29 @@ class LLM360LM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations, cut at the first stop string (``until``, EOS) or max_gen_toks."""
+        """Continuations, cut at the first stop string (``until``, EOS) or max_gen_toks.
+
+        Greedy, or sampled with a per-request seed when the request's kwargs sample (see the module
+        docstring). Raises ValueError when a task asks for more new tokens than the context holds.
+        """
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         buckets: dict[str, list[int]] = defaultdict(list)
-        prepared: list[tuple[list[int], list[str], int]] = []
+        prepared: list[tuple[list[int], list[str], int, Sampling | None, int | None]] = []
+        seen: dict[str, int] = defaultdict(int)  # identical requests so far: the next one's repeat index
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_gen = int(kwargs.pop("max_gen_toks"))
-            if kwargs.get("do_sample") and not self._warned_sampling:
-                logger.warning("llm360 lm-eval model generates greedily; do_sample/temperature are ignored")
-                self._warned_sampling = True
+            sampling = sampling_of(kwargs)
+            for extra in sorted(set(kwargs) - _SAMPLING_KEYS - self._warned_kwargs):
+                logger.warning("llm360 lm-eval model: generation kwarg %r is not supported and is ignored", extra)
+                self._warned_kwargs.add(extra)
+            seed = None
+            if sampling is not None:
+                ident = json.dumps([context, gen_kwargs], sort_keys=True, default=repr)
+                seed = request_seed(self.seed, context, seen[ident])
+                seen[ident] += 1
             max_ctx = self.max_length - max_gen
             if max_ctx <= 0:
                 raise ValueError(
@@ -260,16 +358,17 @@ class LLM360LM(TemplateLM):
                     f"{self.max_length} tokens; lower the task's max_gen_toks"
                 )
             ids = self._encode_prompt(context)[-max_ctx:] or [self.prefix_token_id]
-            prepared.append((ids, until, max_gen))
-            buckets[repr((sorted(until), max_gen))].append(i)
+            prepared.append((ids, until, max_gen, sampling, seed))
+            buckets[repr((sorted(until), max_gen, sampling))].append(i)
         out: list[str | None] = [None] * len(requests)
         with progress("generate", total=len(requests), unit="requests") as bar:
             for members in buckets.values():
                 members.sort(key=lambda i: (-len(prepared[i][0]), i))  # longest first, little padding
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start : start + self.batch_size]
-                    _, until, max_gen = prepared[batch[0]]
-                    texts = self._generate([prepared[i][0] for i in batch], until, max_gen)
+                    _, until, max_gen, sampling, _ = prepared[batch[0]]
+                    seeds = [int(prepared[i][4] or 0) for i in batch] if sampling is not None else None
+                    texts = self._generate([prepared[i][0] for i in batch], until, max_gen, sampling, seeds)
                     for i, text in zip(batch, texts, strict=True):
                         out[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -283,8 +382,19 @@ class LLM360LM(TemplateLM):
         return any(s and s in text for s in until)
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], until: list[str], max_gen: int) -> list[str]:
-        """Greedy continuations of prompts of any lengths in one batch, each cut at its first stop.
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        until: list[str],
+        max_gen: int,
+        sampling: Sampling | None = None,
+        seeds: list[int] | None = None,
+    ) -> list[str]:
+        """Continuations of prompts of any lengths in one batch, each cut at its first stop.
+
+        Greedy, or (``sampling`` given) sampled with one generator per prompt seeded by ``seeds``:
+        each row draws one uniform number per token from its own generator, so a row's sample does
+        not depend on the other rows of the batch.
 
         The prompts, padded on the right, run once through the model and fill a KV cache (attention
         is causal: no real position sees the padding). Then each row decodes at its own position,
@@ -300,7 +410,9 @@ class LLM360LM(TemplateLM):
         cache = KVCache(model.cfg, len(prompts), ids_BT.shape[1] + max_gen, dev, param.dtype)
         h_BTD = model.model(ids_BT.to(dev), cache)
         pos_n = torch.tensor(lengths, device=dev)  # where each row's next token goes
-        tok_n = model._head(h_BTD[torch.arange(len(prompts), device=dev), pos_n - 1]).argmax(dim=-1)
+        pick = None if sampling is None else _sampler(sampling, seeds or [], len(prompts))
+        logits_NV = model._head(h_BTD[torch.arange(len(prompts), device=dev), pos_n - 1])
+        tok_n = logits_NV.argmax(dim=-1) if pick is None else pick(logits_NV, list(range(len(prompts))))
         k_cache, v_cache = cache.k_BKSE, cache.v_BKSE
         new: list[list[int]] = [[] for _ in prompts]
         active = list(range(len(prompts)))  # the prompt each batch row belongs to
@@ -318,7 +430,8 @@ class LLM360LM(TemplateLM):
                     k_cache = [k[idx] for k in k_cache]
                     v_cache = [v[idx] for v in v_cache]
                     tok_n, pos_n, active = tok_n[idx], pos_n[idx], [active[j] for j in keep]
-            tok_n = decode_step(model, tok_n, pos_n, k_cache, v_cache).argmax(dim=-1)
+            logits_NV = decode_step(model, tok_n, pos_n, k_cache, v_cache)
+            tok_n = logits_NV.argmax(dim=-1) if pick is None else pick(logits_NV, active)
             pos_n = pos_n + 1
         texts = []
         for ids in new:

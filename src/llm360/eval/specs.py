@@ -4,8 +4,9 @@ A task name is one of
 
 * ``perplexity`` -- mean token NLL on the held-out rows of every source (llm360's own);
 * a preset -- ``openllm`` (the Open LLM Leaderboard settings the LLM360 paper reports), ``code``
-  (HumanEval and MBPP pass@1, for code models) or ``demo`` (small local tasks written for the
-  embedded corpus, shipped with llm360);
+  (HumanEval and MBPP greedy pass@1, for code models), ``code_sampled`` (the same pass@1 from 20
+  samples per problem at the CrystalCoder card's temperatures) or ``demo`` (small local tasks
+  written for the embedded corpus, shipped with llm360);
 * an lm-eval task, tag or group name, optionally with a shot count: ``arc_easy``, ``arc_easy:5``;
 * an lm-eval task YAML file (``path/to/task.yaml``).
 
@@ -77,7 +78,23 @@ CODE: tuple[TaskSpec, ...] = (
 """Code models (CrystalCoder in the paper): HumanEval and MBPP, greedy pass@1. These run the
 model's code, so they need ``eval.allow_code_execution`` (use a sandbox)."""
 
-PRESETS: dict[str, tuple[TaskSpec, ...]] = {"openllm": OPENLLM, "demo": DEMO, "code": CODE}
+CODE_SAMPLED: tuple[TaskSpec, ...] = (
+    TaskSpec("llm360_humaneval_sampled_n20", "lm-eval", "llm360_humaneval_sampled_n20", 0, "pass@1[create_test]",
+             "code_sampled", ("openai/openai_humaneval", None)),
+    TaskSpec("llm360_mbpp_sampled_n20", "lm-eval", "llm360_mbpp_sampled_n20", 3, "pass_at_1[all_samples]",
+             "code_sampled", ("google-research-datasets/mbpp", "full")),
+)  # fmt: skip
+"""Code evaluation as the CrystalCoder model card reports it: pass@1 estimated from n = 20 samples
+per problem (mean over problems of c / n, c samples passing), HumanEval 0-shot at temperature 0.2
+and top_p 0.95 (the Codex setting), MBPP 3-shot at temperature 0.1 (top_p 0.95). Prompts, stop
+strings and scoring are those of ``code`` (lm-eval's ``humaneval`` and ``mbpp``); the task files
+are ``llm360/eval/tasks/llm360_{humaneval,mbpp}_sampled_n20.yaml``. Twenty times the generation
+of ``code``. Samples are seeded per request (the lm-eval model's ``seed``, default 1234), so a
+rerun gives the same texts. Another n: a YAML file that ``include``s one of these, sets its own
+``task:`` name and ``repeats: N``, passed as a task path. Runs the model's code like ``code``."""
+
+PRESETS: dict[str, tuple[TaskSpec, ...]] = {"openllm": OPENLLM, "demo": DEMO, "code": CODE,
+                                            "code_sampled": CODE_SAMPLED}  # fmt: skip
 
 _SHOTS = re.compile(r"^(?P<name>.+?):(?P<shots>\d+)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
