@@ -282,3 +282,14 @@ def test_sampled_task_scores_pass_at_1_over_all_samples(tiny, fake_code_eval, ya
         expect.append(sum("e" in c for c in cands) / n)
     metric = "pass@1" if yaml_path == HUMANEVAL else "pass_at_1"
     assert out["results"][cfg["task"]][f"{metric},{filt}"] == pytest.approx(sum(expect) / len(expect))
+
+
+def test_the_generation_seed_is_a_config_field_and_part_of_a_result_signature():
+    from llm360.config import EvalConfig
+    from llm360.eval.pairs import signature
+    from llm360.eval.specs import resolve_tasks
+
+    spec = next(s for s in resolve_tasks(["code_sampled"]) if "humaneval" in s.name)
+    a, b = EvalConfig(), EvalConfig(generation_seed=7)
+    assert a.generation_seed == 1234
+    assert signature(spec, a)["generation_seed"] == 1234 and signature(spec, a) != signature(spec, b)

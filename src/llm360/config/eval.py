@@ -28,6 +28,8 @@ class EvalConfig(Section):
     """Only the first N examples of each lm-eval task (quick checks); results record the limit."""
     fewshot_seed: int = seed_field(1234)
     """Seed of lm-eval's few-shot example sampling (the Open LLM Leaderboard used 1234)."""
+    generation_seed: int = seed_field(1234)
+    """Seed of sampled generations (tasks with do_sample, e.g. the `code_sampled` preset): each request draws from its own generator seeded by it, its context and its repeat number; greedy tasks ignore it."""
     bootstrap_iters: int = Field(1000, ge=0)
     """Bootstrap resamples for the standard error of metrics that are not means (0: none)."""
     log_samples: bool = False

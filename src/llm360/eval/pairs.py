@@ -78,7 +78,8 @@ def signature(spec: TaskSpec, cfg: EvalConfig) -> dict[str, Any]:
     """What, besides the checkpoint, determines a pair's result (stored in the result file)."""
     if spec.kind == "perplexity":
         return {"task": "perplexity", "max_rows": cfg.perplexity_max_rows}
-    return {**spec.signature(), "limit": cfg.limit, "fewshot_seed": cfg.fewshot_seed}
+    return {**spec.signature(), "limit": cfg.limit, "fewshot_seed": cfg.fewshot_seed,
+            "generation_seed": cfg.generation_seed}
 
 
 def describe(e: BaseException) -> str:
@@ -168,7 +169,7 @@ class PairContext:
             if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
                 tok_dir = self.rd.tokenizer  # a folder without tokenizer files: the run's own tokenizer
             self._lm = LLM360LM(model=self._model, tokenizer=tok_dir, batch_size=self.cfg.batch_size,
-                                device=str(self.device), dtype=self.dtype)  # fmt: skip
+                                device=str(self.device), dtype=self.dtype, seed=self.cfg.generation_seed)  # fmt: skip
             self._lm.pretrained = str(folder)
         return self._lm
 
