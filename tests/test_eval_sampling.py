@@ -15,6 +15,7 @@ from llm360.config import ModelConfig
 from llm360.eval import TASKS_DIR, resolve_tasks
 from llm360.eval.harness import hub_access
 from llm360.model.llama import Llama
+from test_eval import _train_a_little
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -50,16 +51,7 @@ def tiny() -> tuple[Llama, Any]:
     torch.manual_seed(0)
     model = Llama(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                               vocab_size=len(tok), max_seq_len=2048))  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(20):
-        idx = torch.randint(0, rows.shape[0], (16,), generator=g)
-        _, loss = model(rows[idx, :-1], rows[idx, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    _train_a_little(model, rows, 20, seed=0)
     return model, tok
 
 
