@@ -88,7 +88,7 @@ __all__ = [  # the file names are layout's, the RNG helpers rng_state's: here, w
     "load_model_state", "load_training_state", "marker_sha256", "read_marker", "read_trainer_state", "remove_checkpoint",
     "restore_rng", "save_checkpoint", "step_checkpoint_dir", "verify_checkpoint", "verify_model_files",
     "RESUME_ONLY_FILES", "CheckpointContent", "checkpoint_content", "write_checkpoint_files", "seal_checkpoint",
-    "write_error", "verify_share", "open_slices", "read_tensors", "is_resume_only", "model_sha256",
+    "write_error", "verify_share", "open_slices", "read_tensors", "is_resume_only", "model_sha256", "match_weights",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -635,6 +635,30 @@ def open_slices(ckpt_dir: str | Path) -> tuple[SliceReader, SliceReader | None, 
     return weights, SliceReader(d, tensor_files(files, d, OPTIMIZER_FILE, OPTIMIZER_INDEX)), meta
 
 
+def match_weights(
+    d: Path, model_shapes: Mapping[str, list[int]], saved_shapes: Mapping[str, list[int]], strict: bool,
+    problems: list[str],
+) -> list[str]:
+    """The weight names both the model and checkpoint ``d`` hold, sorted; every mismatch appended to ``problems``.
+
+    Names on one side only are a problem with ``strict``, else logged; a shape that differs always is.
+    """
+    missing = sorted(set(model_shapes) - set(saved_shapes))
+    unexpected = sorted(set(saved_shapes) - set(model_shapes))
+    if strict and (missing or unexpected):
+        problems.append(name_mismatch("weight names do not match the model", "missing from the checkpoint",
+                                       missing, "not in the model", unexpected))
+    elif missing or unexpected:
+        logger.warning(
+            "loading %s non-strictly: %d weights missing, %d unexpected", d, len(missing), len(unexpected)
+        )
+    common = sorted(set(model_shapes) & set(saved_shapes))
+    for name in common:
+        if list(model_shapes[name]) != list(saved_shapes[name]):
+            problems.append(f"weight {name} has shape {list(saved_shapes[name])}, the model {list(model_shapes[name])}")
+    return common
+
+
 def load_checkpoint(
     ckpt_dir: str | Path,
     model: nn.Module,
@@ -672,20 +696,8 @@ def load_checkpoint(
     problems: list[str] = []
     weights = _tensors_of(d, bufs, model_files)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if strict and (missing or unexpected):
-        problems.append(name_mismatch("weight names do not match the model", "missing from the checkpoint",
-                                       missing, "not in the model", unexpected))
-    elif missing or unexpected:
-        logger.warning(
-            "loading %s non-strictly: %d weights missing, %d unexpected", d, len(missing), len(unexpected)
-        )
-    for name in sorted(set(expected) & set(weights)):
-        if tuple(expected[name].shape) != tuple(weights[name].shape):
-            problems.append(
-                f"weight {name} has shape {list(weights[name].shape)}, the model {list(expected[name].shape)}"
-            )
+    match_weights(d, {n: list(t.shape) for n, t in expected.items()}, {n: list(t.shape) for n, t in weights.items()},
+                  strict, problems)
     opt_sd = None
     try:  # the files verified, so a malformed structure means they were written by something else
         if optimizer is not None:

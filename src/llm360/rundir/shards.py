@@ -86,10 +86,6 @@ class ShardLayout:
         """Every tensor file, in the order they are dealt to ranks."""
         return [f for f, _ in self.model] + [f for f, _ in self.optimizer]
 
-    def owner(self, file: str, world: int) -> int:
-        """The rank that writes (and, on load, hashes) ``file`` among ``world`` ranks."""
-        return self.files.index(file) % world
-
     def files_of(self, rank: int, world: int) -> list[str]:
         """The tensor files rank ``rank`` of ``world`` writes."""
         return [f for j, f in enumerate(self.files) if j % world == rank]

@@ -33,7 +33,7 @@ from llm360.rundir import atomic
 from llm360.rundir import checkpoint as ckpt
 from llm360.rundir.data import DataStore
 from llm360.rundir.layout import CONFIG, TOKENIZER_DIR, RunDir
-from llm360.rundir.optimizer_state import name_mismatch, names_by_id, optimizer_state_dict
+from llm360.rundir.optimizer_state import names_by_id, optimizer_state_dict
 from llm360.rundir.shards import MB, SliceReader
 from llm360.train.parallel import (
     DistInfo,
@@ -184,18 +184,8 @@ def load_blocks(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     weights, opt_reader, meta = ckpt.open_slices(target)
     problems: list[str] = []
     state = model.state_dict()
-    saved = set(weights.weight_map)
-    missing, unexpected = sorted(set(state) - saved), sorted(saved - set(state))
-    if strict and (missing or unexpected):
-        problems.append(name_mismatch("weight names do not match the model", "missing from the checkpoint",
-                                       missing, "not in the model", unexpected))
-    elif missing or unexpected:
-        logger.warning("loading %s non-strictly: %d weights missing, %d unexpected", target, len(missing),
-                       len(unexpected))
-    names = sorted(set(state) & saved)
-    for name in names:
-        if weights.shape(name) != list(state[name].shape):
-            problems.append(f"weight {name} has shape {weights.shape(name)}, the model {list(state[name].shape)}")
+    names = ckpt.match_weights(target, {n: list(t.shape) for n, t in state.items()},
+                               {n: weights.shape(n) for n in weights.weight_map}, strict, problems)
     opt_sd = None
     if optimizer is not None:
         if opt_reader is None or meta is None:
