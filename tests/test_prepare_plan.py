@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -254,6 +255,41 @@ def test_executor_results_in_task_order_and_errors_name_the_task(workers, tmp_pa
         if workers > 1:  # a worker killed mid-task: replaced, and its task run again
             out = ex.run([Task(f"d{i}", _die_once, (str(tmp_path / "m"), i)) for i in range(3)], progress_label="x")
             assert out == [1, 2, 3]
+
+
+def _nap(x: int) -> int:
+    time.sleep(0.3)
+    return _fail(x) if x < 0 else x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_progress_bar_counts_running_and_failed_tasks(workers, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import llm360.log as log
+
+    screen = io.StringIO()
+    monkeypatch.setattr(log, "console", Console(file=screen, force_terminal=True, width=160))
+    monkeypatch.setattr(log, "_progress_enabled", True)
+    seen: list[tuple[int, int]] = []
+    real = log._RichTask.tasks
+
+    def record(self, *, running: int, failed: int) -> None:
+        seen.append((running, failed))
+        real(self, running=running, failed=failed)
+
+    monkeypatch.setattr(log._RichTask, "tasks", record)
+    tasks = [Task(f"t{i}", _nap, (-i if i in (1, 4) else i,)) for i in range(6)]
+    with InProcessExecutor(workers=workers) as ex:
+        got = ex.run(tasks, progress_label="pairs", unit="pairs", keep_going=True)
+    assert [isinstance(g, TaskError) for g in got] == [False, True, False, False, True, False]
+    assert max(r for r, _ in seen) == workers  # never more running than workers, and all of them busy
+    assert seen[-1] == (0, 2)  # the end: nothing running, the two failures counted
+    assert [f for _, f in seen] == sorted(f for _, f in seen)  # failures only ever add up
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # the text without its colours
+    assert "6/6" in text and "0 running, 2 failed" in text
 
 
 def test_shards_and_executor_names():

@@ -14,7 +14,7 @@ from llm360.config import load_config, validate_config
 from llm360.config.presets import CRYSTALCODER_STAGE_BTOKENS
 from llm360.data.prepare import prepare
 from llm360.data.prepare_plan import chunk_sizes, share_chunks
-from llm360.errors import ConfigError
+from llm360.errors import ConfigError, DataError
 from llm360.rundir.data import DataStore
 
 
@@ -52,6 +52,28 @@ def test_tokens_per_chunk_gives_chunks_of_equal_size_in_every_stage(tmp_path: Pa
     assert DataStore(run / "data").rows_per_chunk == rows
 
 
+def test_partial_chunk_drop_gives_chunks_of_one_size_across_stages(tmp_path: Path):
+    tokens = 1700  # 100 rows of 17 tokens
+    raw = three_stages(tmp_path, [{"tokens_per_chunk": tokens}] * 3)
+    raw["data"]["partial_chunk"] = "drop"
+    run = tmp_path / "run"
+    m = prepare(validate_config(raw), run).manifest
+    rows = [c["rows"] for c in m["chunks"]]
+    target = tokens // m["row_length"]
+    assert set(rows) == {target} and len(m["stages"]) == 3  # one size in every stage: within one row of equal
+    for st in m["stages"]:
+        assert st["chunks"] == st["rows_packed"] // target >= 1
+        # only the rows past the stage's last whole chunk are dropped, and counted
+        assert st["rows_dropped_uneven_split"] == st["rows_packed"] - st["chunks"] * target < target
+        assert st["rows"] == st["chunks"] * target
+    assert DataStore(run / "data").rows_per_chunk == rows
+    assert sum(st["rows_dropped_uneven_split"] for st in m["stages"]) > 0  # the corpus does not divide evenly
+    # too few rows for one chunk: a DataError that names the stage, not an empty stage
+    raw["data"]["stages"][2]["tokens_per_chunk"] = 10**7
+    with pytest.raises(DataError, match="stage 's3' has .* fewer than one chunk"):
+        prepare(validate_config(raw), tmp_path / "run2")
+
+
 def test_a_row_count_that_divides_evenly_gives_chunks_within_one_row_across_stages():
     rows = [100 * 36 + 17, 100 * 96 + 40, 100 * 11 + 3]  # stages of 36, 96 and 11 chunks of ~100 rows
     sizes = []
@@ -87,6 +109,10 @@ def test_chunking_config_is_checked(tmp_path: Path):
         validate_config(three_stages(tmp_path, [{"chunks": 2}, {}, {}], total=10))
     with pytest.raises(ConfigError, match="fewer than the 3 stages"):
         validate_config(three_stages(tmp_path, [{}, {}, {}], total=2))
+    raw = three_stages(tmp_path, [{"tokens_per_chunk": 100}, {"chunks": 1}, {"tokens_per_chunk": 100}])
+    raw["data"]["partial_chunk"] = "drop"
+    with pytest.raises(ConfigError, match=r"partial_chunk = drop .*stages \['s2'\] do not give tokens_per_chunk"):
+        validate_config(raw)
 
 
 def test_crystalcoder_preset_mirrors_the_released_recipe(capsys):

@@ -51,6 +51,9 @@ class ProgressTask(Protocol):
 
     def update(self, *, total: float | None = None, description: str | None = None) -> None: ...
 
+    def tasks(self, *, running: int, failed: int) -> None:
+        """Show how many units are running now and how many have failed (an executor's bar)."""
+
 
 class _NullTask:
     def advance(self, n: float = 1) -> None:
@@ -58,6 +61,17 @@ class _NullTask:
 
     def update(self, *, total: float | None = None, description: str | None = None) -> None:
         pass
+
+    def tasks(self, *, running: int, failed: int) -> None:
+        pass
+
+
+def task_counts(running: int, failed: int) -> str:
+    """The text beside an executor's bar: ``2 running, 1 failed`` (a rich markup string)."""
+    text = f"{running} running"
+    if failed:
+        text += f", [bold red]{failed} failed[/]"
+    return text
 
 
 class _RichTask:
@@ -76,6 +90,9 @@ class _RichTask:
             kwargs["description"] = description
         self._progress.update(self._id, **kwargs)
 
+    def tasks(self, *, running: int, failed: int) -> None:
+        self._progress.update(self._id, counts=task_counts(running, failed))
+
 
 @contextmanager
 def progress(description: str, total: float | None = None, unit: str = "") -> Iterator[ProgressTask]:
@@ -88,8 +105,9 @@ def progress(description: str, total: float | None = None, unit: str = "") -> It
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(unit),
+        TextColumn("{task.fields[counts]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console, transient=False) as bar:
-        yield _RichTask(bar, bar.add_task(description, total=total))
+        yield _RichTask(bar, bar.add_task(description, total=total, counts=""))

@@ -162,6 +162,8 @@ class DataConfig(Section):
     """Number of chunks when `stages` is empty."""
     total_chunks: int | None = Field(None, ge=1)
     """With stages that give neither chunks nor tokens_per_chunk: this many chunks in all, shared among the stages in proportion to their rows (chunks of about equal size in every stage)."""
+    partial_chunk: Literal["spread", "drop"] = "spread"
+    """With tokens_per_chunk: `spread` shares a stage's rows among its nearest whole number of chunks (no row dropped; sizes within one row inside a stage, across stages apart by each stage's rounding); `drop` makes every chunk of every stage exactly round(tokens_per_chunk / (seq_len + 1)) rows and drops each stage's rows past its last whole chunk (counted in the manifest as rows_dropped_uneven_split)."""
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     """How text becomes token ids."""
     valid_fraction: float = Field(0.02, ge=0.0, lt=1.0)
@@ -225,6 +227,14 @@ class DataConfig(Section):
                 )
             return
         unsized = [st.name for st in self.stages if st.name not in sized]
+        if self.partial_chunk == "drop":
+            counted = [st.name for st in self.stages if st.tokens_per_chunk is None]
+            if not self.stages or counted:
+                raise ValueError(
+                    "data.partial_chunk = drop makes chunks of tokens_per_chunk exactly; "
+                    + (f"stages {counted} do not give tokens_per_chunk" if self.stages else "there are no data.stages")
+                    + " (give every stage tokens_per_chunk, or leave partial_chunk at spread)"
+                )
         if unsized:
             raise ValueError(
                 f"stages {unsized} give neither chunks nor tokens_per_chunk; give one of them per stage, "
@@ -238,7 +248,7 @@ class DataConfig(Section):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
-        return _omit_defaults(handler(self), {"total_chunks": None})
+        return _omit_defaults(handler(self), {"total_chunks": None, "partial_chunk": "spread"})
 
     def resolved_stages(self) -> list[StageConfig]:
         """The stages to build: the configured ones, or one `main` stage over every source."""

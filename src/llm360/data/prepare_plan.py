@@ -9,7 +9,9 @@ offset, and the stage's rows (``tokens // (seq_len + 1)``); the partial last row
 A stage's rows are split into its chunks in order: ``chunks`` of ``rows // chunks`` rows each
 (the rest dropped), or -- when the stage gives ``tokens_per_chunk``, or the run ``total_chunks``
 -- into the chunks that number asks for, the first ``rows_extra`` of them one row longer, so no row
-is dropped and sizes differ by at most one row (:func:`chunk_sizes`).
+is dropped and sizes differ by at most one row (:func:`chunk_sizes`). With ``data.partial_chunk:
+drop``, every chunk of every stage holds exactly ``round(tokens_per_chunk / row_length)`` rows and
+each stage's rows past its last whole chunk are dropped.
 
 The seeded permutation of each stage's rows (``np.random.default_rng([seed, stage])``) is
 computed here once and stored as its inverse: ``position[row]`` = where stage row ``row`` lands
@@ -99,11 +101,19 @@ def share_chunks(rows: list[int], total: int) -> list[int]:
     return base
 
 
-def _stage_chunks(stage, n_rows: int, L: int) -> int:
-    """The chunks of a stage that gives chunks or tokens_per_chunk."""
+def _stage_chunks(stage, n_rows: int, L: int, partial: str = "spread") -> int:
+    """The chunks of a stage that gives chunks or tokens_per_chunk (``partial``: data.partial_chunk)."""
     if stage.chunks is not None:
         return int(stage.chunks)
     target = max(1, round(stage.tokens_per_chunk / L))  # rows per chunk asked for
+    if partial == "drop":
+        if n_rows < target:
+            raise DataError(
+                f"stage '{stage.name}' has {n_rows} rows of seq_len + 1 = {L} tokens, fewer than one chunk of "
+                f"tokens_per_chunk = {stage.tokens_per_chunk} ({target} rows), and data.partial_chunk = drop "
+                "would drop them all. Add data, lower tokens_per_chunk, or set partial_chunk: spread."
+            )
+        return n_rows // target
     return max(1, min(n_rows, round(n_rows / target)))
 
 
@@ -201,11 +211,14 @@ def make_plan(data: DataConfig, summaries: list[list[dict]], row_length: int) ->
             raise DataError(f"stage '{name}' has {rows} rows, too few for the {c} chunks data.total_chunks = "
                             f"{data.total_chunks} gives it. Add data, lower data.seq_len or total_chunks.")
     else:
-        counts = [_stage_chunks(stage, st["rows_packed"], L) for stage, st in zip(resolved, stages, strict=True)]
+        counts = [_stage_chunks(stage, st["rows_packed"], L, data.partial_chunk)
+                  for stage, st in zip(resolved, stages, strict=True)]
     for stage, st, c in zip(resolved, stages, counts, strict=True):
         st["first_chunk"], st["chunks"] = first_chunk, c
         if stage.chunks is not None:  # the stage's rows // chunks each, the rest dropped
             st["rows_per_chunk"] = st["rows_packed"] // c
+        elif data.partial_chunk == "drop":  # tokens_per_chunk's rows each, the rows past the last whole chunk dropped
+            st["rows_per_chunk"] = max(1, round(stage.tokens_per_chunk / L))
         else:
             st["rows_per_chunk"], st["rows_extra"] = chunk_sizes(st["rows_packed"], c)
         first_chunk += c

@@ -19,7 +19,7 @@ from llm360.executor.base import (
     raise_failure,
     task_error,
 )
-from llm360.log import progress
+from llm360.log import ProgressTask, progress
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,10 @@ class InProcessExecutor(Executor):
     # ---------------------------------------------------------------------------- inline
     def _run_inline(self, tasks: Sequence[Task], label: str, unit: str, keep_going: bool) -> list[Any]:
         results: list[Any] = []
+        failed = 0
         with progress(label, total=len(tasks), unit=unit) as bar:
             for t in tasks:
+                bar.tasks(running=1, failed=failed)
                 try:
                     results.append(t())
                 except Exception as e:
@@ -68,7 +70,9 @@ class InProcessExecutor(Executor):
                         raise_failure(t.key, e)
                     logger.warning("task %s failed: %s", t.key, e)
                     results.append(task_error(t.key, e))
+                    failed += 1
                 bar.advance(1)
+            bar.tasks(running=0, failed=failed)
         return results
 
     # ------------------------------------------------------------------------------ pool
@@ -104,20 +108,29 @@ class InProcessExecutor(Executor):
         results: list[Any] = [None] * len(tasks)
         todo = list(range(len(tasks)))
         restarts = 0
+        failed = 0
         failure: tuple[str, BaseException] | None = None
+        # At most twice the workers submitted at once: the driver's bookkeeping per event stays
+        # proportional to the workers, not to the plan (plans can hold many thousands of tasks).
+        window = 2 * self.workers
         with progress(progress_label, total=len(tasks), unit=unit) as bar:
             while todo:
                 pool = self._get_pool()
+                queue = todo[::-1]
                 futures: dict[Future, int] = {}
+                broken: list[int] = []
                 try:
-                    for i in todo:
-                        futures[pool.submit(_call, tasks[i])] = i
-                    pending = set(futures)
-                    broken: list[int] = []
-                    while pending:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    while queue or futures:
+                        while queue and len(futures) < window and failure is None and not broken:
+                            i = queue.pop()
+                            futures[pool.submit(_call, tasks[i])] = i
+                        if not futures:
+                            break
+                        # futures the pool handed to a worker count as running
+                        bar.tasks(running=min(self.workers, sum(f.running() for f in futures)), failed=failed)
+                        done, _ = wait(list(futures), return_when=FIRST_COMPLETED, timeout=1.0)
                         for f in done:
-                            i = futures[f]
+                            i = futures.pop(f)
                             if f.cancelled():  # after a failure: never started
                                 continue
                             try:
@@ -127,40 +140,44 @@ class InProcessExecutor(Executor):
                                 continue
                             except Exception as e:
                                 if not keep_going:
-                                    if failure is None:
-                                        failure = (tasks[i].key, e)
-                                        for other in pending:  # not started yet: never start them
-                                            other.cancel()
+                                    failure = failure or (tasks[i].key, e)
+                                    for other in futures:  # not started yet: never start them
+                                        other.cancel()
                                     continue
                                 logger.warning("task %s failed: %s", tasks[i].key, e)
                                 results[i] = task_error(tasks[i].key, e)
+                                failed += 1
                             bar.advance(1)
+                    bar.tasks(running=0, failed=failed)
                 except BaseException:
                     self._kill_pool()  # interrupted: stop our workers now
                     raise
                 if failure is not None:
                     raise_failure(*failure)
-                todo = sorted(broken)
+                todo = sorted(broken + queue)  # a broken pool: what it lost and what was never submitted
                 if todo:
                     self._kill_pool()
                     restarts += 1
-                    keys = ", ".join(tasks[i].key for i in todo[:5])
+                    keys = ", ".join(tasks[i].key for i in sorted(broken)[:5])
                     if restarts > self.max_restarts and keep_going:
-                        self._isolate(tasks, todo, results)  # only the tasks that kill their worker fail
+                        self._isolate(tasks, todo, results, bar, failed)  # only the tasks that kill their worker fail
                         break
                     if restarts > self.max_restarts:
                         raise TaskFailed(
-                            tasks[todo[0]].key,
+                            tasks[min(broken)].key,
                             f"a worker process died {restarts} times while running {keys}"
-                            f"{' ...' if len(todo) > 5 else ''}; see the system log (out of memory?)",
+                            f"{' ...' if len(broken) > 5 else ''}; see the system log (out of memory?)",
                         )
-                    logger.warning("a worker process died; running %d unfinished task(s) again (%s)", len(todo), keys)
+                    logger.warning("a worker process died; running %d unfinished task(s) again (%s)",
+                                   len(broken), keys)
         return results
 
-    def _isolate(self, tasks: Sequence[Task], todo: list[int], results: list[Any]) -> None:
+    def _isolate(self, tasks: Sequence[Task], todo: list[int], results: list[Any], bar: ProgressTask,
+                 failed: int) -> None:  # fmt: skip
         """Run each of ``todo`` alone in a fresh worker: a task whose worker dies again gets a TaskError
         (the others in flight with it when the pool broke are not blamed)."""
         for i in todo:
+            bar.tasks(running=1, failed=failed)
             try:
                 results[i] = self._get_pool().submit(_call, tasks[i]).result()
             except BrokenProcessPool:
@@ -169,9 +186,13 @@ class InProcessExecutor(Executor):
                                                 "log (out of memory?)")
                 logger.warning("%s", lost)
                 results[i] = task_error(tasks[i].key, lost)
+                failed += 1
             except Exception as e:
                 logger.warning("task %s failed: %s", tasks[i].key, e)
                 results[i] = task_error(tasks[i].key, e)
+                failed += 1
+            bar.advance(1)
+        bar.tasks(running=0, failed=failed)
 
     def close(self) -> None:
         pool, self._pool = self._pool, None

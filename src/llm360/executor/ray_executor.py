@@ -122,6 +122,15 @@ class RayExecutor(Executor):
     def parallelism(self) -> int:
         return int(self._ray.cluster_resources().get("CPU", 1))
 
+    def _slots(self, task: Task) -> int:
+        """How many tasks like ``task`` the cluster's CPUs and GPUs run at once."""
+        res = self._ray.cluster_resources()
+        n = self.max_in_flight
+        for need, have in ((task.num_cpus, res.get("CPU", 0)), (task.num_gpus, res.get("GPU", 0))):
+            if need > 0:
+                n = min(n, int(have // need))
+        return max(1, n)
+
     def _submit(self, task: Task) -> Any:
         opts: dict[str, Any] = {
             "num_cpus": task.num_cpus,
@@ -155,6 +164,8 @@ class RayExecutor(Executor):
         queue = list(range(len(tasks)))[::-1]
         in_flight: dict[Any, int] = {}
         failure: tuple[str, BaseException] | None = None
+        failed = 0
+        slots = self._slots(tasks[0]) if tasks else 1
         with progress(progress_label, total=len(tasks), unit=unit) as bar:
             try:
                 while queue or in_flight:
@@ -163,7 +174,9 @@ class RayExecutor(Executor):
                         in_flight[self._submit(tasks[i])] = i
                     if not in_flight:
                         break
-                    done, _ = ray.wait(list(in_flight), num_returns=1)
+                    # submitted tasks beyond what the cluster's resources hold at once are waiting
+                    bar.tasks(running=min(len(in_flight), slots), failed=failed)
+                    done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                     for ref in done:
                         i = in_flight.pop(ref)
                         try:
@@ -175,6 +188,7 @@ class RayExecutor(Executor):
                                 continue
                             logger.warning("task %s failed: %s", tasks[i].key, cause)
                             results[i] = task_error(tasks[i].key, cause)
+                            failed += 1
                         except ray.exceptions.RayError as e:  # lost beyond the retries, or Ray could not run it
                             reason = self._lost_reason(e)
                             lost = TaskFailed(tasks[i].key, reason)
@@ -183,7 +197,9 @@ class RayExecutor(Executor):
                                 continue
                             logger.warning("%s", lost)
                             results[i] = TaskError(tasks[i].key, type(lost).__name__, reason, exception=lost)
+                            failed += 1
                         bar.advance(1)
+                bar.tasks(running=0, failed=failed)
             except BaseException:
                 for ref in in_flight:
                     ray.cancel(ref, force=True)
