@@ -120,6 +120,30 @@ def test_workers_and_piece_sizes_give_byte_identical_data(corpus, reference, tmp
     assert len([k for k in reference if k.startswith("chunk_")]) == 5
 
 
+def test_the_scratch_copy_of_the_tokens_is_compressed_and_freed(corpus, reference, tmp_path, monkeypatch):
+    import llm360.data.prepare_build as build
+    from llm360.data.prepare_map import TOKENS, read_zstd
+
+    seen: list[tuple[int, int]] = []
+    real = build.reduce_chunk
+
+    def first_reduce(spec):  # every piece is scattered now: the scratch is at its largest
+        if not seen:
+            scratch = tmp_path / "run" / PREPARE_DIR
+            maps = sum(len(read_zstd(p)) for p in scratch.rglob(TOKENS))  # pieces with no training rows remain
+            scattered = sum(p.stat().st_size for p in scratch.rglob("scatter/*.bin"))
+            seen.append((maps, scattered))
+        return real(spec)
+
+    monkeypatch.setattr(build, "reduce_chunk", first_reduce)
+    m = prepare(validate_config(corpus[1]), tmp_path / "run", workers=1, piece_bytes=1500).manifest
+    assert tree_hashes(tmp_path / "run" / "data") == reference
+    (maps, scattered), = seen
+    assert maps == 0  # each piece's map tokens were deleted once its rows were scattered
+    chunk_bytes = sum(f["bytes"] for k, f in m["files"].items() if k.startswith(("chunk_", "provenance_")))
+    assert 0 < scattered < chunk_bytes  # the one scratch copy (rows and provenance) is smaller than what it becomes
+
+
 _KILLABLE = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)

@@ -26,7 +26,7 @@ from llm360.config import RunConfig, SourceConfig
 from llm360.data.documents import Document
 from llm360.data.pieces import PIECE_BYTES, Piece, count_lines, list_pieces, number_lines
 from llm360.data.prepare_manifest import SourceStats, build_manifest
-from llm360.data.prepare_map import MAP_FORMAT, SUMMARY, MapSpec, map_piece, token_dtype, unit_hash
+from llm360.data.prepare_map import MAP_FORMAT, SUMMARY, TOKENS, MapSpec, map_piece, token_dtype, unit_hash
 from llm360.data.prepare_plan import (
     check_stage_kinds,
     chunk_rows,
@@ -325,7 +325,7 @@ class Build:
         tables = [Task(f"table:{s.name}", write_tables, (s,)) for s in table_specs if _done(Path(s.result)) is None]
         todo = {k: s for k, s in self.scatter_specs.items() if _done(Path(s.result)) is None}
         # a piece whose tokens a finished scatter of an earlier plan freed: map it again first
-        again = {s.map_dir for s in todo.values() if not (Path(s.map_dir) / "tokens.bin").is_file()}
+        again = {s.map_dir for s in todo.values() if not (Path(s.map_dir) / TOKENS).is_file()}
         if again:
             self._map(specs, label="mapping pieces again", only=again)
         if len(todo) < len(self.scatter_specs):

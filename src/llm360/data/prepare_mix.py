@@ -15,7 +15,7 @@ a function of the seed, the source and the document id alone (never of the piece
 :func:`decide` makes these decisions for one document in a map task; the per-piece index keeps
 ``u_part``, ``u_sample`` and a bit per filtered-out draw (``drop``), so :meth:`Draw.copies` gives
 the plan and scatter the same copies for a whole piece at once. The FIM-transformed copies have
-their own tokens (the map's ``fim.npy`` / ``fim.bin``): :func:`block_copies` says, for one
+their own tokens (the map's ``fim.npy`` / ``fim.zst``): :func:`block_copies` says, for one
 (draw, epoch) block, where each selected copy's tokens are.
 """
 
@@ -39,7 +39,7 @@ FIMIDX_DTYPE = np.dtype(
         ("row", "<u8"),  # position of the document in the piece's index
         ("slot", "<u2"),  # the draw (its position among the source's draws)
         ("epoch", "<u4"),  # the copy's repeat number
-        ("offset", "<i8"),  # first token in fim.bin
+        ("offset", "<i8"),  # first token in fim.zst
         ("ntok", "<i8"),  # tokens of the copy: parts, three sentinels, EOS
         ("mark", "<u2"),  # its position (1-based) in the document's `fim` list of the documents table
         ("spm", "u1"),  # 1: SPM order, 0: PSM
@@ -145,10 +145,10 @@ class Mixer:
 def block_copies(index: np.ndarray, fim: np.ndarray, draw: Draw, epoch: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The copies of one (draw, epoch) block, in index order: (selected rows of the index, their
-    tokens' offsets, their token counts, whether the tokens are in fim.bin, their FIM marks).
+    tokens' offsets, their token counts, whether the tokens are in fim.zst, their FIM marks).
 
-    A copy that is FIM-transformed has its tokens in fim.bin (``fim``: FIMIDX_DTYPE); the others are
-    the document's plain tokens in tokens.bin.
+    A copy that is FIM-transformed has its tokens in fim.zst (``fim``: FIMIDX_DTYPE); the others are
+    the document's plain tokens in tokens.zst.
     """
     sel = np.nonzero(draw.copies(index) > epoch)[0]
     offset = index["offset"][sel].astype(np.int64)

@@ -7,8 +7,10 @@ whole rows, the at most two partial rows at the block's ends (a row can span blo
 and each row's provenance records. Its output, one file per piece, is sorted by chunk, so each
 chunk's part is one contiguous range per section:
 
-    magic, header (counts), index[chunk][rows | partials | provenance] (record offsets)
-    row positions (u4) | whole rows (tokens) | partial rows (records) | their tokens | provenance
+    magic, header (counts), index[chunk][rows | partials | provenance] (record offsets),
+    frames[chunk][rows | provenance] (byte offsets of each chunk's zstd frame)
+    row positions (u4) | whole rows (zstd, a frame per chunk) | partial rows (records) | their tokens
+    | provenance (zstd, a frame per chunk)
 
 :func:`reduce_chunk` reads its range from every piece of its stage, one piece after another (one
 open and one read each), writes each row at its position in ``chunk_NNN.npy`` and then
@@ -28,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llm360.data.prepare_map import Draw, load_fim_output, load_map_output
+from llm360.data.prepare_map import FIM_TOKENS, TOKENS, ZSTD_LEVEL, Draw, load_fim_output, load_map_output
 from llm360.data.prepare_mix import block_copies, gather
 from llm360.rundir.atomic import atomic_path, write_json
 from llm360.rundir.data import PROVENANCE_DTYPE, PROVENANCE_FIM_DTYPE
 from llm360.rundir.layout import chunk_file, index_name, provenance_file
 from llm360.utils import sha256_file
 
-_MAGIC = b"L360SCT\x01"
+_MAGIC = b"L360SCT\x02"
 _HEADER = 8  # int64 fields after the magic
 _PART_DTYPE = np.dtype([("pos", "<u4"), ("row_offset", "<u4"), ("length", "<u4"), ("tok", "<u8")])
 
@@ -196,8 +198,8 @@ def scatter_piece(spec: ScatterSpec) -> dict:
     result = {"dropped": {str(k): dict(sorted(v.items())) for k, v in sorted(dropped.items())}}
     write_json(Path(spec.result), result)
     if spec.free_tokens:
-        (map_dir / "tokens.bin").unlink(missing_ok=True)
-        (map_dir / "fim.bin").unlink(missing_ok=True)
+        (map_dir / TOKENS).unlink(missing_ok=True)
+        (map_dir / FIM_TOKENS).unlink(missing_ok=True)
     return result
 
 
@@ -225,10 +227,27 @@ def _write_scatter(path: Path, spec: ScatterSpec, rows_key: list, rows_tok: list
     edges = np.arange(n + 1)
     table = np.stack([np.searchsorted(row_chunks, edges), np.searchsorted(part_chunks, edges),
                       np.searchsorted(pc, edges)], axis=1).astype("<i8")
-    head = np.array([n, len(row_pos), len(part), len(ptok), len(prov), L, dtype.itemsize, 0], "<i8")
+    # whole rows and provenance: one zstd frame per chunk (the bulk of the file; partial rows stay raw)
+    rows_blob, rows_at = _frames(row_tok, table[:, 0])
+    prov_blob, prov_at = _frames(prov, table[:, 2])
+    frames = np.stack([rows_at, prov_at], axis=1).astype("<i8")
+    head = np.array([n, len(row_pos), len(part), len(ptok), len(prov), L, dtype.itemsize, len(rows_blob)], "<i8")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for blob in (_MAGIC, head, table, row_pos, row_tok, part, ptok, prov):
+        for blob in (_MAGIC, head, table, frames, row_pos, rows_blob, part, ptok, prov_blob):
             f.write(blob if isinstance(blob, bytes) else np.ascontiguousarray(blob).tobytes())
+
+
+def _frames(records: np.ndarray, edges: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """``records[edges[c]:edges[c + 1]]`` of every chunk c as its own zstd frame: (the frames, one
+    after the other; each frame's byte offset, and the end)."""
+    import zstandard
+
+    z = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    parts, at = [], [0]
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        parts.append(z.compress(np.ascontiguousarray(records[a:b]).tobytes()) if b > a else b"")
+        at.append(at[-1] + len(parts[-1]))
+    return b"".join(parts), np.asarray(at, np.int64)
 
 
 class _Scattered:
@@ -240,14 +259,17 @@ class _Scattered:
         self.path, self.L, self.dtype, self.prov_dtype = path, L, dtype, prov_dtype
         if self._read(0, len(_MAGIC)) != _MAGIC:
             raise AssertionError(f"{path} is not a scatter file")
-        n, self.n_rows, self.n_part, self.n_ptok, self.n_prov, _, _, _ = np.frombuffer(
+        n, self.n_rows, self.n_part, self.n_ptok, self.n_prov, _, _, rows_bytes = np.frombuffer(
             self._read(len(_MAGIC), 8 * _HEADER), "<i8").tolist()
         base = len(_MAGIC) + 8 * _HEADER
         table = np.frombuffer(self._read(base + 8 * 3 * chunk, 8 * 3 * 2), "<i8").reshape(2, 3)
         (self.ra, self.pa, self.qa), (self.rb, self.pb, self.qb) = table.tolist()
-        self.o_pos = base + 8 * 3 * (n + 1)
+        o_frames = base + 8 * 3 * (n + 1)
+        frames = np.frombuffer(self._read(o_frames + 8 * 2 * chunk, 8 * 2 * 2), "<i8").reshape(2, 2)
+        (self.fr_a, self.fq_a), (self.fr_b, self.fq_b) = frames.tolist()
+        self.o_pos = o_frames + 8 * 2 * (n + 1)
         self.o_rows = self.o_pos + 4 * self.n_rows
-        self.o_part = self.o_rows + self.n_rows * L * dtype.itemsize
+        self.o_part = self.o_rows + rows_bytes
         self.o_ptok = self.o_part + self.n_part * _PART_DTYPE.itemsize
         self.o_prov = self.o_ptok + self.n_ptok * dtype.itemsize
         self.pos = np.frombuffer(self._read(self.o_pos + 4 * self.ra, 4 * (self.rb - self.ra)), "<u4").astype(np.int64)
@@ -268,15 +290,26 @@ class _Scattered:
             out += got
         return bytes(out)
 
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        """Whole rows lo..hi of this chunk's range (indices into ``self.pos``)."""
-        size = self.L * self.dtype.itemsize
-        return np.frombuffer(self._read(self.o_rows + (self.ra + lo) * size, (hi - lo) * size), self.dtype
-                             ).reshape(hi - lo, self.L)
+    def _frame(self, offset: int, size: int, expect: int) -> bytes:
+        import zstandard
+
+        if size == 0:
+            return b""
+        data = zstandard.ZstdDecompressor().decompress(self._read(offset, size), max_output_size=expect)
+        if len(data) != expect:
+            raise AssertionError(f"{self.path}: a frame of {len(data)} bytes, expected {expect}")
+        return data
+
+    def rows(self) -> np.ndarray:
+        """This chunk's whole rows, in the order of ``self.pos``."""
+        n = self.rb - self.ra
+        data = self._frame(self.o_rows + self.fr_a, self.fr_b - self.fr_a, n * self.L * self.dtype.itemsize)
+        return np.frombuffer(data, self.dtype).reshape(n, self.L)
 
     def provenance(self) -> np.ndarray:
-        size = self.prov_dtype.itemsize
-        return np.frombuffer(self._read(self.o_prov + self.qa * size, (self.qb - self.qa) * size), self.prov_dtype)
+        n = self.qb - self.qa
+        data = self._frame(self.o_prov + self.fq_a, self.fq_b - self.fq_a, n * self.prov_dtype.itemsize)
+        return np.frombuffer(data, self.prov_dtype)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -336,7 +369,7 @@ def reduce_chunk(spec: ReduceSpec) -> dict:
                 p = _Scattered(Path(path), c, L, dtype, provenance_dtype(spec.fim))
                 try:
                     if len(p.pos):
-                        block = p.rows(0, len(p.pos))
+                        block = p.rows()
                         for pos, row in zip(p.pos.tolist(), block, strict=True):
                             os.pwrite(fd, row.tobytes(), len(header) + pos * row_bytes)
                         covered += len(p.pos) * L
