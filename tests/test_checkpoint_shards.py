@@ -196,6 +196,8 @@ def _worker(rank: int, world: int, init_file: str, out: str, phase: str) -> None
 
         checkpointing.ckpt.write_checkpoint_files = dying
         checkpointing.save_together(out_dir / "next", model, opt, {"step": 2}, info, shard_bytes=SHARD)
+    if phase != "kill":  # every rank done with gloo before any tears it down (else its threads may abort at exit)
+        dist.barrier()
     dist.destroy_process_group()
 
 

@@ -121,6 +121,59 @@ def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, pa
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_fsdp_bf16_uses_the_mixed_precision_policy_and_tracks_one_process(tmp_path: Path):
+    cfg = tiny_run_config(tmp_path, parallelism="fsdp", precision="bf16", max_chunks=1)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    prepare(cfg, tmp_path / "single")
+    train(cfg, tmp_path / "single")  # one process: bf16 autocast over fp32 weights
+    prepare(cfg, tmp_path / "dist")
+    done = torchrun(2, cfg_path, tmp_path / "dist")
+    assert "parameters all-gathered in bf16, gradients reduced in fp32" in " ".join(done.stderr.split())
+    single = read_jsonl(tmp_path / "single" / "metrics" / "train.jsonl")
+    dist = read_jsonl(tmp_path / "dist" / "metrics" / "train.jsonl")
+    assert len(dist) == len(single) > 3
+    for a, b in zip(single, dist, strict=True):  # the same bf16 products; sums in another order
+        assert abs(a["loss"] - b["loss"]) <= 2e-2 * abs(a["loss"])
+    w = load_file(str(tmp_path / "dist" / "checkpoints" / "ckpt_000" / "model.safetensors"))
+    assert {t.dtype for t in w.values()} == {torch.float32}  # the master weights, saved in fp32
+    ref = load_file(str(tmp_path / "single" / "checkpoints" / "ckpt_000" / "model.safetensors"))
+    for k in ref:
+        torch.testing.assert_close(w[k], ref[k], rtol=0.05, atol=5e-3)
+
+
+@pytest.mark.slow
+def test_verify_replays_a_two_rank_fsdp_run_bit_for_bit_under_torchrun(tmp_path: Path):
+    from llm360.release.build import release
+
+    # FSDP: a model that needs its shards on several ranks replays on as many, with the run's layout
+    cfg = tiny_run_config(tmp_path, parallelism="fsdp", max_chunks=2)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    prepare(cfg, tmp_path / "run")
+    torchrun(2, cfg_path, tmp_path / "run")
+    rel = release(tmp_path / "run", tmp_path / "rel")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llm360.cli",
+           "--no-progress", "verify", str(rel), "--replay", "0", "1", "--json"]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    rep = json.loads(out)  # rank 0's verdict alone: the other rank prints nothing
+    assert rep["ok"], rep["problems"]
+    assert [r["mode"] for r in rep["replays"]] == ["bitwise", "bitwise"]
+    assert any("SHA256SUMS" in line or "sha256" in line for line in rep["passed"])
+    assert not list(scratch.glob("llm360-replay-*"))  # the work folders are gone
+
+
 def first_chunk_and_the_rest(cfg, tmp: Path) -> tuple[Path, Path]:
     """Config files for training chunk 0 only, and for the whole run (what a second launch resumes)."""
     raw = cfg.model_dump(mode="json")

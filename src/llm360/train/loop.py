@@ -245,8 +245,9 @@ class Trainer:
     def _parallelize(self, latest: Path | None) -> None:
         """DDP or FSDP2 (the optimizer state moved over to the shards), compile, autocast."""
         tcfg = self.tcfg
+        use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and self.info.device.type == "cuda")
         self.train_model = parallelize(self.model, tcfg.parallelism, self.info, tcfg.activation_checkpointing,
-                                       tcfg.shard_group_size)
+                                       tcfg.shard_group_size, bf16=use_bf16)
         if self.sharded_resume:  # FSDP2 replaced the parameters by shards: a new optimizer over them
             self.optimizer = build_optimizer(self.model, tcfg)
         if self._deferred is not None:  # now each rank reads its own blocks
@@ -258,7 +259,7 @@ class Trainer:
             self._deferred = None
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
-        use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and self.info.device.type == "cuda")
+        # autocast also under FSDP's bf16 policy: it keeps softmax, norms and the loss in fp32
         self.autocast = (
             (lambda: torch.autocast(self.info.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         )

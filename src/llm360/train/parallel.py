@@ -137,13 +137,16 @@ def barrier(info: DistInfo) -> None:
 
 def parallelize(
     model: nn.Module, parallelism: str, info: DistInfo, activation_checkpointing: bool = False,
-    shard_group_size: int | None = None,
+    shard_group_size: int | None = None, bf16: bool = False,
 ) -> nn.Module:
     """Apply activation checkpointing and DDP, FSDP2 or HSDP (``fully_shard`` per block) to the model.
 
     HSDP shards every parameter inside groups of ``shard_group_size`` consecutive ranks (a node's
     GPUs) and replicates it across the groups: FSDP2 over a 2-D mesh (replicate x shard), whose
-    gradients are reduce-scattered inside a group and all-reduced across groups.
+    gradients are reduce-scattered inside a group and all-reduced across groups. With ``bf16``,
+    FSDP and HSDP use FSDP's mixed-precision policy: the fp32 shards are the master weights, a block's
+    parameters are all-gathered in bf16 (half the bytes on the wire and in memory) and its gradients
+    reduced in fp32.
     """
     if activation_checkpointing:
         # Recompute each block in backward. The forward is wrapped in place (not the module), so
@@ -165,9 +168,17 @@ def parallelize(
 
             g = shard_group_size or info.world_size
             mesh = init_device_mesh(info.device.type, (info.world_size // g, g), mesh_dim_names=("replicate", "shard"))
+        kwargs: dict = {}
+        if bf16:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if info.is_main:
+                logger.info("FSDP mixed precision: parameters all-gathered in bf16, gradients reduced in fp32, "
+                            "fp32 master weights")
         for block in model.model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, **kwargs)
+        fully_shard(model, mesh=mesh, **kwargs)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
