@@ -286,6 +286,15 @@ def _replays(root: Path, report: VerifyReport, replay: Sequence[int], replay_dir
                                  f"(max abs diff {res.get('max_abs_diff', 0.0):.3g})")
 
 
+def _rederive_into(root: Path, report: VerifyReport, source_paths: Mapping[str, Sequence[str]] | None,
+                   executor: Executor | None) -> None:
+    probs = rederive(root, source_paths, executor=executor)
+    report.problems.extend(probs)
+    if not probs:
+        report.passed.append("data rederived from the raw sources: every chunk, provenance, validation, "
+                             "document and tokenizer file is identical")
+
+
 def _verify_on_ranks(root: Path, report: VerifyReport, replay: Sequence[int], replay_dir: str | Path | None,
                      rederive_data: bool, source_paths: Mapping[str, Sequence[str]] | None, threads: int | None,
                      executor: Executor | None) -> VerifyReport:  # fmt: skip
@@ -303,11 +312,7 @@ def _verify_on_ranks(root: Path, report: VerifyReport, replay: Sequence[int], re
     computed, listing = _check_sums(root, report, threads)
     _check_consistency(root, report, computed, listing)
     if rederive_data:
-        probs = rederive(root, source_paths, executor=executor)
-        report.problems.extend(probs)
-        if not probs:
-            report.passed.append("data rederived from the raw sources: every chunk, provenance, validation, "
-                                 "document and tokenizer file is identical")
+        _rederive_into(root, report, source_paths, executor)
     return report
 
 
@@ -427,9 +432,5 @@ def verify(
         replay = []
     _replays(root, report, replay or [], replay_dir)
     if rederive_data:
-        probs = rederive(root, source_paths, executor=executor)
-        report.problems.extend(probs)
-        if not probs:
-            report.passed.append("data rederived from the raw sources: every chunk, provenance, validation, "
-                                 "document and tokenizer file is identical")
+        _rederive_into(root, report, source_paths, executor)
     return report
