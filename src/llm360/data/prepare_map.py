@@ -166,7 +166,7 @@ class _Zstd:
 
 
 def read_zstd(path: Path) -> np.ndarray:
-    """The bytes of a file written by :class:`_Zstd` (or :func:`zstd_bytes`), as a uint8 array."""
+    """The bytes of a file written by :class:`_Zstd`, as a uint8 array."""
     import zstandard
 
     with open(path, "rb") as f:

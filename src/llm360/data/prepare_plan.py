@@ -101,11 +101,16 @@ def share_chunks(rows: list[int], total: int) -> list[int]:
     return base
 
 
+def _rows_asked(stage, L: int) -> int:
+    """The rows per chunk a stage's tokens_per_chunk asks for."""
+    return max(1, round(stage.tokens_per_chunk / L))
+
+
 def _stage_chunks(stage, n_rows: int, L: int, partial: str = "spread") -> int:
     """The chunks of a stage that gives chunks or tokens_per_chunk (``partial``: data.partial_chunk)."""
     if stage.chunks is not None:
         return int(stage.chunks)
-    target = max(1, round(stage.tokens_per_chunk / L))  # rows per chunk asked for
+    target = _rows_asked(stage, L)
     if partial == "drop":
         if n_rows < target:
             raise DataError(
@@ -218,7 +223,7 @@ def make_plan(data: DataConfig, summaries: list[list[dict]], row_length: int) ->
         if stage.chunks is not None:  # the stage's rows // chunks each, the rest dropped
             st["rows_per_chunk"] = st["rows_packed"] // c
         elif data.partial_chunk == "drop":  # tokens_per_chunk's rows each, the rows past the last whole chunk dropped
-            st["rows_per_chunk"] = max(1, round(stage.tokens_per_chunk / L))
+            st["rows_per_chunk"] = _rows_asked(stage, L)
         else:
             st["rows_per_chunk"], st["rows_extra"] = chunk_sizes(st["rows_packed"], c)
         first_chunk += c

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -249,6 +248,7 @@ def _compare_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wha
 def replay_chunk(root: Path, i: int, work_dir: Path | None = None) -> dict:
     """Re-train chunk i of a release from its previous checkpoint; compare with ckpt_i (on rank 0)."""
     from llm360.train import replay_chunk as retrain_chunk
+    from llm360.train.parallel import launched_rank
 
     rd = RunDir(root)
     result: dict = {"chunk": i, "problems": []}
@@ -257,7 +257,7 @@ def replay_chunk(root: Path, i: int, work_dir: Path | None = None) -> dict:
             result["problems"].append(f"replay {i}: {need.name} is not in the release")
             return result
     replayed = retrain_chunk(root, i, work_dir=work_dir)  # follows the guard decisions ckpt_i recorded
-    if int(os.environ.get("RANK", "0")) != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_rank()[0] != 0:
         return result  # rank 0 compares
     if replayed.skipped_chunk:
         result["skipped_chunk"] = True
@@ -300,13 +300,15 @@ def _verify_on_ranks(root: Path, report: VerifyReport, replay: Sequence[int], re
                      executor: Executor | None) -> VerifyReport:  # fmt: skip
     """verify under torchrun: the replays on every rank (each rank decides alike, from the listing),
     then the files on rank 0 -- whose hashing may take hours, so no rank waits on it in a collective."""
+    from llm360.train.parallel import launched_rank
+
     listing = walk(root)
     if replay and (listing.links or listing.other):
         report.problems.append("replay not run: the release holds symlinks or special files, which a replay would "
                                "follow; replace them with the files themselves")
         replay = []
     _replays(root, report, replay, replay_dir)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launched_rank()[0] != 0:
         report.secondary = True
         return report
     computed, listing = _check_sums(root, report, threads)
@@ -421,7 +423,9 @@ def verify(
     if not root.is_dir():
         raise ReleaseError(f"{root} is not a folder")
     report = VerifyReport(root)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from llm360.train.parallel import launched_rank
+
+    if launched_rank()[1] > 1:
         return _verify_on_ranks(root, report, replay or [], replay_dir, rederive_data, source_paths, threads,
                                 executor)
     computed, listing = _check_sums(root, report, threads)

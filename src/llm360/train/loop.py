@@ -53,7 +53,7 @@ from llm360.train.parallel import (
     same_on_every_rank,
     together,
 )
-from llm360.train.plan import device_peak_flops, startup_check
+from llm360.train.plan import computes_in_bf16, device_peak_flops, startup_check
 from llm360.train.state import TrainState, run_identity
 
 __all__ = ["Trainer", "TrainingStopped", "set_determinism", "train"]
@@ -245,7 +245,7 @@ class Trainer:
     def _parallelize(self, latest: Path | None) -> None:
         """DDP or FSDP2 (the optimizer state moved over to the shards), compile, autocast."""
         tcfg = self.tcfg
-        use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and self.info.device.type == "cuda")
+        use_bf16 = computes_in_bf16(tcfg, self.info.device.type)
         self.train_model = parallelize(self.model, tcfg.parallelism, self.info, tcfg.activation_checkpointing,
                                        tcfg.shard_group_size, bf16=use_bf16)
         if self.sharded_resume:  # FSDP2 replaced the parameters by shards: a new optimizer over them

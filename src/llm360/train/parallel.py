@@ -43,14 +43,18 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) that torchrun set in this process's environment; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join the torchrun process group if there is one; pick the device.
 
     ``device`` as for :func:`llm360.model.load.resolve_device` (None: cuda when available); on
     CUDA each process takes the GPU of its LOCAL_RANK. Raises ConfigError for cuda without one.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = launched_rank()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, where="device")
     use_cuda = dev.type == "cuda"

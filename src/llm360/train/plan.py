@@ -344,10 +344,14 @@ class Memory:
                 + self.activations + self.working_copies + self.loss_buffers + self.peak_working_set)
 
 
+def computes_in_bf16(tcfg: TrainConfig, device: str) -> bool:
+    """Whether training computes in bf16 on a device of this type (``cuda``, ``cpu``): asked for, or auto on CUDA."""
+    return tcfg.precision == "bf16" or (tcfg.precision == "auto" and device == "cuda")
+
+
 def _dtype_bytes(tcfg: TrainConfig, device: str) -> int:
     """c, the bytes of a compute element: 2 under bf16 autocast, else 4."""
-    bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device == "cuda")
-    return 2 if bf16 else 4
+    return 2 if computes_in_bf16(tcfg, device) else 4
 
 
 def memory(shapes: ModelShapes, tcfg: TrainConfig, lay: Layout, world: int, seq_len: int, device: str) -> Memory:

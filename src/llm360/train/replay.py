@@ -58,12 +58,6 @@ class ReplayResult:
         return self.chunk in self.record.skipped_chunks
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def replay_chunk(
     run_dir: str | Path, chunk: int, *, work_dir: str | Path | None = None, device: str | None = None
 ) -> ReplayResult:
@@ -82,7 +76,7 @@ def replay_chunk(
     (CPU, deterministic). Rank 0 stages the work folder (on several nodes ``work_dir`` must be on a
     file system every node sees) and alone returns the tensors; the other ranks' results hold none.
     """
-    from llm360.train.parallel import destroy_distributed, init_distributed
+    from llm360.train.parallel import destroy_distributed, full_tensors, init_distributed, launched_rank
 
     rd = RunDir(run_dir)
     target = rd.ckpt_dir(chunk)
@@ -97,7 +91,7 @@ def replay_chunk(
     if device is None:
         device = "cpu" if cfg.train.deterministic is True else None  # auto: where training would run
     keep = work_dir is not None
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    rank, world = launched_rank()
     if world > 1 and not keep and int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:
         raise ConfigError(f"a replay on {world} ranks over several nodes needs a work folder every node sees "
                           "(verify --replay-dir DIR on a shared file system); a temporary folder is one node's")
@@ -133,7 +127,8 @@ def replay_chunk(
         with Trainer(cfg, work, device=device, recorded=record) as trainer:
             trainer.setup()
             if chunk == 0:  # (sharded under FSDP: every rank gathers, collectively)
-                init_state = {k: _full(v).detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+                sd = trainer.model.state_dict()
+                init_state = {k: v.to("cpu", copy=True) for k, v in full_tensors(sd, sd.keys()).items()}
             if chunk in record.skipped_chunks:
                 # skipped by a guard: the chunk's checkpoint holds the previous state
                 trainer.save(ckpt_name(chunk), chunk=chunk)
