@@ -183,6 +183,50 @@ def test_hsdp_two_by_two_matches_one_process_and_resumes_its_own_blocks(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("nproc", "parallelism"), [(2, "ddp"), (4, "fsdp"), (8, "hsdp")])
+def test_tensor_parallel_matches_one_process_and_resumes_its_own_blocks(tmp_path: Path, nproc: int, parallelism: str):
+    """Tensor parallel 2 alone (2 ranks), data x tensor 2 x 2 (FSDP over the data dimension) and HSDP
+    (2 x 2) x tensor 2: losses per step and final weights within 1e-5 of one process; the second launch
+    reads its blocks of ckpt_000 back (q/k/v split by rows, o_proj by columns), and a single process
+    resumes the same checkpoint."""
+    cfg = tiny_run_config(tmp_path, parallelism=parallelism, tensor_parallel=2, micro_batch_sequences=1,
+                          shard_group_size=2 if parallelism == "hsdp" else None,
+                          activation_checkpointing=parallelism == "fsdp")  # recomputed blocks: the same numbers
+    first, rest = first_chunk_and_the_rest(cfg, tmp_path)
+    raw = cfg.model_dump(mode="json")
+    single_cfg = validate_config({**raw, "train": {**raw["train"], "parallelism": "ddp", "tensor_parallel": 1,
+                                                   "shard_group_size": None}})
+    one_rank = validate_config({**raw, "train": {**raw["train"], "tensor_parallel": 1}})  # the same run on 1
+    prepare(single_cfg, tmp_path / "single")
+    train(single_cfg, tmp_path / "single")
+    prepare(cfg, tmp_path / "tp")
+    done = torchrun(nproc, first, tmp_path / "tp")
+    assert f"every block split over 2 ranks, {nproc // 2} data-parallel" in " ".join(done.stderr.split())
+    runs = ["tp"]
+    if parallelism != "hsdp":  # (HSDP needs several ranks)
+        shutil.copytree(tmp_path / "tp", tmp_path / "on1", symlinks=True)
+        train(one_rank, tmp_path / "on1")
+        runs.append("on1")
+    torchrun(nproc, rest, tmp_path / "tp")
+    single = read_jsonl(tmp_path / "single" / "metrics" / "train.jsonl")
+    dist = read_jsonl(tmp_path / "tp" / "metrics" / "train.jsonl")
+    assert [r["step"] for r in dist] == [r["step"] for r in single] and all(r["world_size"] == nproc for r in dist)
+    for a, b in zip(single, dist, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, abs(a["grad_norm"]))
+    resume = [e for e in read_jsonl(tmp_path / "tp" / "metrics" / "events.jsonl") if e["event"] == "resume"]
+    assert resume and resume[-1]["sharded"] is True and resume[-1]["world_size"] == nproc
+    from llm360.rundir.checkpoint import load_model_state
+
+    ref = load_model_state(tmp_path / "single" / "checkpoints" / "ckpt_002")
+    for run in runs:
+        got = load_model_state(tmp_path / run / "checkpoints" / "ckpt_002")
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=f"{run}: {k}")
+
+
+@pytest.mark.slow
 def test_four_rank_sharded_checkpoint_resumes_on_three_ranks_and_on_one(tmp_path: Path):
     """FSDP on 4 ranks writes ckpt_000 in shards (every rank its own files); the run then goes on
     from it on 3 ranks and, separately, on 1 process: both end where an uninterrupted run ends."""

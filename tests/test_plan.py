@@ -215,15 +215,17 @@ def test_the_trainer_refuses_what_it_cannot_run_before_loading_anything(tmp_path
     with pytest.raises(ConfigError, match="does not fit the device's memory"):
         train(small, tmp_path / "run", device="cpu")
     assert not (tmp_path / "run" / "metrics").exists()
-    for update, what in (({"tensor_parallel": 2}, "does not run tensor parallelism yet"),):
-        tcfg = cfg.train.model_copy(update=update)
-        with pytest.raises(ConfigError, match=what):
-            check_trainer_supports(tcfg)
-        with pytest.raises(ConfigError, match=what):  # 4 ranks of one node: a valid layout, not yet trainable
-            startup_check(cfg.model_copy(update={"train": tcfg}), 4, 4, torch.device("cpu"))
+    ddp_tp = cfg.train.model_copy(update={"tensor_parallel": 2})
+    check_trainer_supports(ddp_tp, 2)  # tensor parallel alone: no data-parallel copies to synchronise
+    what = "shards the 2 data-parallel copies of a tensor-parallel model with FSDP; set parallelism = fsdp"
+    with pytest.raises(ConfigError, match=what):
+        check_trainer_supports(ddp_tp, 4)
+    with pytest.raises(ConfigError, match=what):  # 4 ranks of one node: a valid layout the trainer does not run
+        startup_check(cfg.model_copy(update={"train": ddp_tp}), 4, 4, torch.device("cpu"))
+    check_trainer_supports(ddp_tp.model_copy(update={"parallelism": "fsdp"}), 4)
     assert startup_check(cfg, 1, None, torch.device("cpu")) is None  # CPU, no memory given: nothing to check
     hsdp = cfg.train.model_copy(update={"parallelism": "hsdp", "shard_group_size": 2})
-    check_trainer_supports(hsdp)  # HSDP runs (tests/test_distributed.py)
+    check_trainer_supports(hsdp, 4)  # HSDP runs (tests/test_distributed.py)
     with pytest.raises(ConfigError, match="larger than a node"):  # but a shard group stays inside a node
         startup_check(cfg.model_copy(update={"train": hsdp}), 4, 1, torch.device("cpu"))
 

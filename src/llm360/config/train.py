@@ -58,7 +58,7 @@ class TrainConfig(Section):
     shard_group_size: int | None = Field(None, ge=2)
     """hsdp only: data-parallel ranks that shard the model among themselves (x train.tensor_parallel GPUs must fit in one node); groups of that size replicate it. Null for ddp and fsdp."""
     tensor_parallel: int = Field(1, ge=1)
-    """GPUs that split every matrix of a block (DTensor, inside one node); it must divide the heads, the key/value heads and the MLP width. 1: none (above 1: `llm360 plan` only for now, the trainer refuses it)."""
+    """GPUs that split every matrix of a block between them (DTensor, consecutive ranks of one node; they read the same rows); it must divide the heads, the key/value heads and the MLP width. 1: none. With several data-parallel ranks (world / tensor_parallel) the parallelism must be fsdp or hsdp."""
     peak_tflops: float | None = Field(None, gt=0.0)
     """Dense bf16 peak of one device in TFLOP/s, the denominator of MFU; null: known GPUs by name (H100 SXM 989, A100 312, ...), else no MFU."""
     device_memory_gb: float | None = Field(None, gt=0.0)

@@ -297,6 +297,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * e, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * e, bias=False)
         self.o_proj = nn.Linear(self.n_head * e, d, bias=False)
+        # False under tensor parallelism (llm360.train.tensor_parallel): the three weights are then
+        # shards of three tensors, and this rank's n_head / n_kv its own heads only.
+        self.fuse_qkv = True
 
     def forward(
         self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None
@@ -307,7 +310,7 @@ class Attention(nn.Module):
         # one large matmul runs faster than three small ones, and backward needs no sum of three.
         # For a few tokens without autograd (decoding) the copy of the weights costs more than it
         # saves, so the three run apart.
-        if _fuse(x_BTD):
+        if self.fuse_qkv and _fuse(x_BTD):
             w_XD = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
             qkv_BTX = F.linear(x_BTD, w_XD)
         else:
@@ -336,9 +339,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fuse_gate_up = True  # False under tensor parallelism, as Attention.fuse_qkv
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        if _fuse(x_BTD):  # one matmul, as for q, k, v in Attention.forward
+        if self.fuse_gate_up and _fuse(x_BTD):  # one matmul, as for q, k, v in Attention.forward
             w_2FD = torch.cat((self.gate_proj.weight, self.up_proj.weight))
             gate_BTF, up_BTF = F.linear(x_BTD, w_2FD).chunk(2, dim=-1)
         else:

@@ -46,11 +46,14 @@ from llm360.train.parallel import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    clip_grad_norm,
+    data_parallel_rank,
     destroy_distributed,
     init_distributed,
     is_sharded,
     parallelize,
     same_on_every_rank,
+    shards_parameters,
     together,
 )
 from llm360.train.plan import computes_in_bf16, device_peak_flops, startup_check
@@ -172,11 +175,11 @@ class Trainer:
         # the model's vocabulary and max_seq_len checked against the data's, before anything is built
         self.mcfg = resolve_model_config(self.cfg.model, self.store.vocab_size, self.store.seq_len)
         self.seq_len = self.store.seq_len
-        world = self.info.world_size
+        _, dp = data_parallel_rank(self.info, self.tcfg.tensor_parallel)
         B = self.tcfg.global_batch_sequences
-        if B % world:
+        if B % dp:
             raise ConfigError(
-                f"train.global_batch_sequences = {B} does not split over {world} ranks; use a multiple of {world}"
+                f"train.global_batch_sequences = {B} does not split over {dp} data-parallel ranks; use a multiple of {dp}"
             )
         self.index = StepIndex(self.store.rows_per_chunk, B)
         self.total_steps = self.index.total_steps
@@ -199,7 +202,7 @@ class Trainer:
     def _start_from(self, latest: Path | None, saved: TrainState | None) -> None:
         """Resume from the latest checkpoint, or initialise from ``init_from``; then set the guards."""
         # Sharded, every rank reads only its blocks of the checkpoint, once fully_shard has made them
-        self.sharded_resume = self.tcfg.parallelism in ("fsdp", "hsdp") and self.info.enabled
+        self.sharded_resume = shards_parameters(self.tcfg.parallelism, self.tcfg.tensor_parallel, self.info)
         with together(self.info):  # no collective inside
             if latest is not None:
                 self._resume(latest, saved)
@@ -247,8 +250,8 @@ class Trainer:
         tcfg = self.tcfg
         use_bf16 = computes_in_bf16(tcfg, self.info.device.type)
         self.train_model = parallelize(self.model, tcfg.parallelism, self.info, tcfg.activation_checkpointing,
-                                       tcfg.shard_group_size, bf16=use_bf16)
-        if self.sharded_resume:  # FSDP2 replaced the parameters by shards: a new optimizer over them
+                                       tcfg.shard_group_size, bf16=use_bf16, tensor_parallel=tcfg.tensor_parallel)
+        if self.sharded_resume:  # FSDP2 / tensor parallelism replaced the parameters: a new optimizer over them
             self.optimizer = build_optimizer(self.model, tcfg)
         if self._deferred is not None:  # now each rank reads its own blocks
             target, keep_optimizer = self._deferred
@@ -357,7 +360,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _rows(self, step: int) -> np.ndarray:
         loc = self.index.locate(step)
-        lo, hi = loc.rank_slice(self.info.rank, self.info.world_size)
+        lo, hi = loc.rank_slice(*data_parallel_rank(self.info, self.tcfg.tensor_parallel))
         # the data format's one row order after reseeds: inspect and replay read the same
         return self.store.rows_in_training_order(
             loc.chunk, lo, hi, reseeds=self.state.chunk_reseeds.get(str(loc.chunk), 0), seed=self.tcfg.seed
@@ -368,7 +371,8 @@ class Trainer:
         rows = torch.from_numpy(self._rows(step)).to(self.info.device)
         x_BT, y_BT = rows[:, :-1], rows[:, 1:]
         tokens_global = self.tcfg.global_batch_sequences * self.seq_len
-        scale = self.info.world_size / tokens_global  # DDP/FSDP average gradients over ranks
+        dp_rank, dp = data_parallel_rank(self.info, self.tcfg.tensor_parallel)
+        scale = dp / tokens_global  # DDP/FSDP average gradients over the data-parallel ranks
         micro = self.tcfg.micro_batch_sequences
         n_micro = math.ceil(x_BT.shape[0] / micro)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
@@ -382,11 +386,11 @@ class Trainer:
                 (loss * scale).backward()
             loss_sum += loss.detach().double()
         self.faults.after_backward(step, loss_sum, self.model)  # a no-op unless a test asks for a fault
+        if self.info.rank != dp_rank * self.tcfg.tensor_parallel:  # one rank of a tensor-parallel group counts
+            loss_sum.zero_()
         loss_global = all_reduce_sum(loss_sum, self.info).item() / tokens_global
         clip = self.tcfg.grad_clip if self.tcfg.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm = clip_grad_norm(self.model.parameters(), clip)
         return loss_global, float(norm)
 
     # ------------------------------------------------------------------ the loop

@@ -1,8 +1,9 @@
 """Parallelism, applied to the model from outside (the model has none), and the state it shards.
 
-Process groups and collectives (:func:`init_distributed`, :func:`together`, ...); DDP, FSDP2 and
-activation checkpointing (:func:`parallelize`); and, for checkpoints, gathering a sharded tensor's
-full value and finding the block of a tensor a rank holds.
+Process groups and collectives (:func:`init_distributed`, :func:`together`, ...); DDP, FSDP2, tensor
+parallelism and activation checkpointing (:func:`parallelize`), and gradient clipping over all of
+them; and, for checkpoints, gathering a sharded tensor's full value and finding the block of a
+tensor a rank holds.
 
 Under ``torchrun`` each process reads RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on GPU.
 Without torchrun everything here is a no-op with world size 1.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -139,18 +140,30 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def data_parallel_rank(info: DistInfo, tensor_parallel: int = 1) -> tuple[int, int]:
+    """(this rank's index among the data-parallel ranks, their number).
+
+    The ``tensor_parallel`` consecutive ranks of one tensor-parallel group (the inner dimension of
+    the (data x tensor) mesh) hold one model between them and read the same rows.
+    """
+    return info.rank // tensor_parallel, info.world_size // tensor_parallel
+
+
 def parallelize(
     model: nn.Module, parallelism: str, info: DistInfo, activation_checkpointing: bool = False,
-    shard_group_size: int | None = None, bf16: bool = False,
+    shard_group_size: int | None = None, bf16: bool = False, tensor_parallel: int = 1,
 ) -> nn.Module:
-    """Apply activation checkpointing and DDP, FSDP2 or HSDP (``fully_shard`` per block) to the model.
+    """Apply activation checkpointing, tensor parallelism, and DDP, FSDP2 or HSDP (``fully_shard`` per block).
 
-    HSDP shards every parameter inside groups of ``shard_group_size`` consecutive ranks (a node's
-    GPUs) and replicates it across the groups: FSDP2 over a 2-D mesh (replicate x shard), whose
-    gradients are reduce-scattered inside a group and all-reduced across groups. With ``bf16``,
-    FSDP and HSDP use FSDP's mixed-precision policy: the fp32 shards are the master weights, a block's
-    parameters are all-gathered in bf16 (half the bytes on the wire and in memory) and its gradients
-    reduced in fp32.
+    HSDP shards every parameter inside groups of ``shard_group_size`` consecutive data-parallel
+    ranks (a node's GPUs) and replicates it across the groups: FSDP2 over a 2-D mesh (replicate x
+    shard), whose gradients are reduce-scattered inside a group and all-reduced across groups.
+    ``tensor_parallel`` t > 1 adds an inner mesh dimension of t consecutive ranks that split every
+    block between them (:mod:`llm360.train.tensor_parallel`); FSDP or HSDP then shard over the
+    data-parallel dimension only (DDP with several data-parallel ranks is refused before this, by
+    :func:`llm360.train.plan.check_trainer_supports`). With ``bf16``, FSDP and HSDP use FSDP's
+    mixed-precision policy: the fp32 shards are the master weights, a block's parameters are
+    all-gathered in bf16 (half the bytes on the wire and in memory) and its gradients reduced in fp32.
     """
     if activation_checkpointing:
         # Recompute each block in backward. The forward is wrapped in place (not the module), so
@@ -163,15 +176,29 @@ def parallelize(
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     if not info.enabled:
         return model
+    t = tensor_parallel
+    dp = info.world_size // t
+    mesh = None  # fsdp without tensor parallelism: fully_shard's own 1-D mesh over every rank
+    if parallelism == "hsdp" or t > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dims = {"replicate": dp // (shard_group_size or dp), "shard": shard_group_size or dp} \
+            if parallelism == "hsdp" else {"dp": dp}
+        if t > 1:
+            dims["tp"] = t
+        full = init_device_mesh(info.device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+        if t > 1:
+            from llm360.train.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, full["tp"])
+            if info.is_main:
+                logger.info("tensor parallel: every block split over %d ranks, %d data-parallel", t, dp)
+            if dp == 1:
+                return model
+        mesh = full if t == 1 else full["replicate", "shard"] if parallelism == "hsdp" else full["dp"]
     if parallelism in ("fsdp", "hsdp"):
         from torch.distributed.fsdp import fully_shard
 
-        mesh = None
-        if parallelism == "hsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-
-            g = shard_group_size or info.world_size
-            mesh = init_device_mesh(info.device.type, (info.world_size // g, g), mesh_dim_names=("replicate", "shard"))
         kwargs: dict = {}
         if bf16:
             from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -188,6 +215,37 @@ def parallelize(
 
     ids = [info.local_rank] if info.device.type == "cuda" else None
     return DDP(model, device_ids=ids)
+
+
+def shards_parameters(parallelism: str, tensor_parallel: int, info: DistInfo) -> bool:
+    """Whether :func:`parallelize` makes the parameters DTensors (each rank then reads its own blocks)."""
+    return info.enabled and (parallelism in ("fsdp", "hsdp") or tensor_parallel > 1)
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global 2-norm to ``max_norm``; returns the norm before clipping (a plain tensor).
+
+    ``torch.nn.utils.clip_grad_norm_`` over one kind of gradient. Under tensor parallelism with
+    FSDP the gradients live on different meshes (a block's matrices on data x tensor, its norms and
+    the embedding on data only, replicated ones on none); each group's norm is reduced over its own
+    mesh, and the groups' norms combined.
+    """
+    groups: dict[object, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    if len(groups) <= 1:
+        norm = torch.nn.utils.clip_grad_norm_(next(iter(groups.values()), []), max_norm, foreach=True)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    norms = []
+    for ps in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0, foreach=True)
+        norms.append((n.full_tensor() if isinstance(n, DTensor) else n).float())
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for ps in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total, foreach=True)
+    return total
 
 
 def unwrap(model: nn.Module) -> nn.Module:

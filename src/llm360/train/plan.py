@@ -6,12 +6,14 @@ peak MFU is measured against. Everything comes from the model built on the meta 
 nothing allocated) and closed-form counts; no GPU is needed.
 
 **Layout.** ``parallelism`` ddp | fsdp | hsdp times ``tensor_parallel`` t: t GPUs of one node
-split every block's matrices (Megatron column/row split with sequence parallelism, so a block's
-activations split t ways too); the ``world / t`` data-parallel ranks replicate the model (ddp),
+split every block's matrices (Megatron's column/row split, :mod:`llm360.train.tensor_parallel`:
+each GPU keeps its own heads' and MLP width's activations; the residual stream, the norms, the
+embedding and the head stay whole on every GPU of the group); the ``world / t`` data-parallel
+ranks replicate the model (ddp),
 shard it over all of them (fsdp) or inside groups of ``shard_group_size`` ranks and replicate across
 groups (hsdp). The *shard degree* is 1, ``world / t`` or ``shard_group_size``.
 
-**Memory per GPU, in bytes** (P parameters, of which the tensor-parallel ones are divided by t):
+**Memory per GPU, in bytes** (P parameters, of which the blocks' matrices are divided by t):
 
 * parameters 4P, gradients 4P, AdamW's two moments 8P, each divided by the shard degree: the fp32
   parameters are the master weights (bf16 compute is autocast, so there is no second copy), 16
@@ -33,11 +35,14 @@ groups (hsdp). The *shard degree* is 1, ``world / t`` or ``shard_group_size``.
   product. This is the formula of Korthikanti et al. (2022, "Reducing Activation Recomputation in
   Large Transformer Models": 34 s b h + 5 a s^2 b per GPT layer in 16-bit) adapted to this model:
   SwiGLU for the 4h GELU MLP, no dropout, an fp32 residual, and no s^2 term because attention runs
-  as flash / memory-efficient SDPA. Without activation checkpointing the L blocks keep N*A/t
-  each; with it each keeps only its input (N h r / t) and one block is recomputed at a time;
+  as flash / memory-efficient SDPA. Under tensor parallelism the first two terms (2 n h r + 2 h c)
+  are whole on every GPU and the bracket is divided by t. Without activation checkpointing the L
+  blocks keep N*A each; with it each keeps only its input (N h r) and one block is recomputed at a
+  time;
 * working copies: what a block's matmuls keep of the weights for backward -- under bf16 autocast the
   bf16 copy of every matrix (2 bytes a block parameter), in fp32 the concatenated q/k/v and gate/up
-  weights -- for every block without checkpointing, one block with it;
+  weights (apart under tensor parallelism: no copy) -- for every block without checkpointing, one
+  block with it;
 * the loss: the chunked fused cross-entropy keeps its input's gradient (N h r) and the head's
   gradient (4 V h) from forward to backward, and works on chunks of 2^25 logits on GPU (2^21 on
   CPU) in fp32;
@@ -247,12 +252,14 @@ def check_layout(mcfg: ModelConfig, tcfg: TrainConfig | Layout, world: int, gpus
         )
 
 
-def check_trainer_supports(tcfg: TrainConfig) -> None:
-    """Raise ConfigError for a layout `llm360 plan` evaluates but the trainer cannot run yet."""
-    if tcfg.tensor_parallel > 1:
+def check_trainer_supports(tcfg: TrainConfig, world: int) -> None:
+    """Raise ConfigError for a layout `llm360 plan` evaluates but the trainer does not run on ``world`` ranks."""
+    t = tcfg.tensor_parallel
+    if t > 1 and tcfg.parallelism == "ddp" and world // t > 1:
         raise ConfigError(
-            f"train.tensor_parallel = {tcfg.tensor_parallel}: the trainer does not run tensor parallelism yet "
-            "(`llm360 plan` evaluates it); use tensor_parallel = 1 with parallelism = fsdp"
+            f"train.parallelism = ddp with train.tensor_parallel = {t} on {world} ranks: the trainer shards "
+            f"the {world // t} data-parallel copies of a tensor-parallel model with FSDP; set parallelism = fsdp "
+            f"(or hsdp), or run on {t} ranks (tensor parallel alone)"
         )
 
 
@@ -308,10 +315,10 @@ class ModelShapes:
                    total - mcfg.num_layers * sum(p.numel() for p in block.values()), fused)
 
     def split(self, t: int) -> int:
-        """Parameters on one GPU of a tensor-parallel group of t (matrices and vocab split, norms not)."""
-        L = self.mcfg.num_layers
-        norms = L * (self.block - self.block_matrices) + (self.root - self.vocab_params())
-        return (self.parameters - norms) // t + norms
+        """Parameters on one GPU of a tensor-parallel group of t (the blocks' matrices split; norms,
+        embedding and head whole)."""
+        split = self.mcfg.num_layers * self.block_matrices
+        return split // t + (self.parameters - split)
 
     def vocab_params(self) -> int:
         v, h = self.mcfg.vocab_size or 0, self.mcfg.hidden_size
@@ -367,14 +374,16 @@ def memory(shapes: ModelShapes, tcfg: TrainConfig, lay: Layout, world: int, seq_
     p_gpu = shapes.split(t)
     N = min(lay.micro_batch_sequences, max(1, tcfg.global_batch_sequences // dp)) * seq_len
 
-    per_token = 2 * n_norm * h * r + 2 * h * c + c * ((a + 2 * k) * e + (a + k) * e + 2 * a * e + 4 * f)
-    block_acts = N * per_token // t
-    copy_bytes = (c * shapes.block_matrices if c < 4 else 4 * shapes.fused_copies) // t
-    ckpt_acts = L * N * h * r // t + N * n_norm * h * r // t  # block inputs + the final norm
-    full_acts = L * block_acts + N * n_norm * h * r // t
-    backward_temps = N * (2 * h * r + 2 * f * c) // t
+    whole = 2 * n_norm * h * r + 2 * h * c  # the norms' and matmul inputs: the same on every GPU of a group
+    split = c * ((a + 2 * k) * e + (a + k) * e + 2 * a * e + 4 * f)  # each GPU's own heads and MLP width
+    block_acts = N * (whole + split // t)
+    fused = 4 * shapes.fused_copies if t == 1 else 0  # (tensor parallelism runs the projections apart)
+    copy_bytes = (c * shapes.block_matrices if c < 4 else fused) // t
+    ckpt_acts = L * N * h * r + N * n_norm * h * r  # block inputs + the final norm
+    full_acts = L * block_acts + N * n_norm * h * r
+    backward_temps = N * (2 * h * r + 2 * f * c // t)
     rows = min(N, max(1, LOSS_CHUNK_ELEMENTS.get(device, 2**25) // max(V, 1)))
-    loss_work = (rows * V * (8 + (c if c < 4 else 0)) + V * h * c + (V * h * c if c < 4 else 0)) // t
+    loss_work = rows * V * (8 + (c if c < 4 else 0)) + V * h * c + (V * h * c if c < 4 else 0)
 
     if lay.activation_checkpointing:
         acts, copies = ckpt_acts, 0
@@ -386,11 +395,11 @@ def memory(shapes: ModelShapes, tcfg: TrainConfig, lay: Layout, world: int, seq_
     if world > 1 and shard == 1:
         comm = 4 * p_gpu  # DDP's gradient buckets
     elif shard > 1:
-        comm = 4 * 2 * (2 * shapes.block + shapes.root) // t  # unsharded params + grads being computed
+        comm = 4 * 2 * (2 * shapes.block // t + shapes.root)  # unsharded params + grads being computed
     return Memory(
         parameters=4 * p_gpu // shard, gradients=4 * p_gpu // shard, optimizer=8 * p_gpu // shard,
         communication_buffers=comm, activations=acts, working_copies=copies,
-        loss_buffers=(N * h * r + 4 * V * h) // t, peak_working_set=work,
+        loss_buffers=N * h * r + 4 * V * h, peak_working_set=work,
         activations_with_checkpointing=ckpt_acts, activations_without_checkpointing=full_acts,
     )
 
@@ -576,7 +585,7 @@ def startup_check(cfg: RunConfig, world: int, gpus_per_node: int | None, device:
     tcfg = cfg.train
     mcfg = plan_model_config(cfg)
     check_layout(mcfg, tcfg, world, gpus_per_node, tcfg.global_batch_sequences)
-    check_trainer_supports(tcfg)
+    check_trainer_supports(tcfg, world)
     if tcfg.device_memory_gb is not None:
         mem = int(tcfg.device_memory_gb * GB)
     elif device.type == "cuda":
