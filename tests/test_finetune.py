@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import save_model_checkpoint, small_config
 from llm360.errors import CheckpointError, ConfigError, DataError, RunDirError
@@ -374,3 +378,43 @@ def test_cli_finetune_errors_are_clear(run_dir: Path, tmp_path: Path, capsys):
                    "--data", str(bad), "--set", "max_steps=1", "--set", "name=cli-bad"])
     err = capsys.readouterr().err
     assert rc == 2 and "line 1" in err and "completion" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_finetune_under_torchrun_takes_the_same_optimizer_batches_and_rank_0_writes_the_folder(
+    run_dir: Path, kind: str
+):
+    """SFT and DPO on 2 gloo ranks with gradient_accumulation 2 (one micro-batch a rank per step) against one
+    process with the same settings: the same optimizer batch, losses per step and final weights; one folder."""
+    from test_distributed import kill_tree
+
+    fast = {**FAST, "gradient_accumulation": 2, "max_records": 32, "max_steps": 3, "log_every": 1}
+    data = "builtin:instructions" if kind == "sft" else "builtin:preferences"
+    section = (SftConfig if kind == "sft" else DpoConfig)(name=f"{kind}-one", **fast)
+    one = finetune(kind, run_dir, "ckpt_000", data, section)
+    sets = [a for k, v in {**fast, "name": f"{kind}-two"}.items() for a in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llm360.cli",
+           "--no-progress", "finetune", kind, "--run-dir", str(run_dir), "--from", "ckpt_000", "--data", data, *sets]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count(f"{kind} done") == 1  # rank 0's answer only
+    two = run_dir / "finetune" / f"{kind}-two"
+    verify_checkpoint(two)
+    lineage = json.loads((two / "lineage.json").read_text())
+    assert lineage["world_size"] == 2 and one.lineage["world_size"] == 1
+    rows = read_jsonl(two / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in one.metrics] == [0, 1, 2]
+    for a, b in zip(one.metrics, rows, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (a, b)
+    wa, wb = load_file(str(one.folder / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not [p for p in (run_dir / "finetune").iterdir() if p.name.startswith(".")]  # no work folder left

@@ -40,7 +40,7 @@ class _TrainingSection(Section):
     micro_batch_size: int = Field(2, ge=1)
     """Records per forward pass (per device; our choice: 2); the optimizer batch is micro_batch_size x gradient_accumulation."""
     gradient_accumulation: int = Field(16, ge=1)
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches per optimizer step, over all ranks (under torchrun each rank runs gradient_accumulation / ranks of them; it must divide)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay (our choice: 0, as usual for fine-tuning)."""
     grad_clip: float | None = Field(1.0, gt=0)
@@ -83,7 +83,7 @@ class DpoConfig(_TrainingSection):
     lr: float = Field(5e-7, gt=0)
     """Peak learning rate of AdamW (AmberSafe: 5e-7)."""
     gradient_accumulation: int = Field(4, ge=1)
-    """Micro-batches accumulated per optimizer step (AmberSafe: 4)."""
+    """Micro-batches per optimizer step, over all ranks as for SFT (AmberSafe: 4)."""
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of the optimizer steps spent in linear warmup (our choice: 0.1, the common DPO setting)."""
     beta: float = Field(0.1, gt=0)

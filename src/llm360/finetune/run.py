@@ -63,6 +63,14 @@ from llm360.rundir.layout import (
     has_marker,
     list_checkpoints,
 )
+from llm360.train.parallel import (
+    DistInfo,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    launched_rank,
+    together,
+)
 from llm360.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -215,6 +223,15 @@ def _finetune(
     run = Path(run_dir)
     if not run.is_dir():
         raise RunDirError(f"run directory {run} does not exist")
+    world = launched_rank()[1]
+    if cfg.gradient_accumulation % world:
+        ok = cfg.gradient_accumulation * world
+        raise ConfigError(
+            f"finetune.{kind}.gradient_accumulation = {cfg.gradient_accumulation} does not split over {world} ranks: "
+            f"the optimizer batch is micro_batch_size x gradient_accumulation records whatever the number of ranks, "
+            f"each rank running gradient_accumulation / {world} micro-batches; set it to a multiple of {world} "
+            f"(e.g. {ok}) or run on a divisor of it"
+        )
     base_dir = resolve_base(run, base)
     marker_sha = verify_base(base_dir)
     name = check_output_name(cfg.name or f"{kind}-{base_dir.name}")
@@ -222,17 +239,27 @@ def _finetune(
     out_dir = RunDir(run).finetune_model(name)
     from llm360.rundir.checkpoint import clean_leftovers
 
-    clean_leftovers(RunDir(run).finetune_dir)  # what killed runs left: work folders, unfinished saves
-    if out_dir.exists() and not force:
-        raise RunDirError(
-            f"{out_dir} already exists; pass --force to replace it, or choose another name with "
-            f"--set finetune.{kind}.name=NEW_NAME"
-        )
-    if out_dir.resolve() == base_dir.resolve():
-        raise RunDirError(f"the output {out_dir} is the base checkpoint itself; choose another name")
+    # Under torchrun: one process group for the ranks (the Trainer's DDP joins it); rank 0 cleans up
+    # and writes the folder, the others wait for it.
+    info = init_distributed(device) if world > 1 else DistInfo()
+    try:
+        with together(info):
+            if info.is_main:
+                clean_leftovers(RunDir(run).finetune_dir)  # what killed runs left: work folders, unfinished saves
+        barrier(info)  # before any rank stages its own work folder
+        if out_dir.exists() and not force:
+            raise RunDirError(
+                f"{out_dir} already exists; pass --force to replace it, or choose another name with "
+                f"--set finetune.{kind}.name=NEW_NAME"
+            )
+        if out_dir.resolve() == base_dir.resolve():
+            raise RunDirError(f"the output {out_dir} is the base checkpoint itself; choose another name")
 
-    with staged(out_dir, kind="work") as work:  # scratch space, removed however the run ends
-        return _run(kind, run, base_dir, marker_sha, data, cfg, name, out_dir, work, device)
+        with staged(out_dir, kind="work") as work:  # scratch space (one per rank), removed however the run ends
+            return _run(kind, run, base_dir, marker_sha, data, cfg, name, out_dir, work, device, info)
+    finally:
+        if info.enabled:
+            destroy_distributed()
 
 
 def sft(
@@ -281,6 +308,7 @@ def _run(
     out_dir: Path,
     work: Path,
     device_arg: str | None,
+    info: DistInfo,
 ) -> FinetuneResult:
     import torch
 
@@ -325,8 +353,13 @@ def _run(
         kind.upper(), name, base_dir, len(records.rows), data, records.shape, device, "bf16 autocast" if bf16 else "fp32",
     )  # fmt: skip
     metrics_path = work / FINETUNE_METRICS
-    callback = MetricsCallback(metrics_path, kind)
+    callback = MetricsCallback(metrics_path, kind, enabled=info.is_main)
     args_common = training_args(cfg, work, device, bf16, max_length)
+    # the same optimizer batch on any number of ranks (the Trainer's DDP averages their gradients)
+    args_common["gradient_accumulation_steps"] = cfg.gradient_accumulation // info.world_size
+    if info.enabled:
+        logger.info("%s on %d ranks (DDP): %d micro-batch(es) of %d records a rank per optimizer step",
+                    kind.upper(), info.world_size, args_common["gradient_accumulation_steps"], cfg.micro_batch_size)
     with library_warnings_quiet():
         trainer = make_trainer(kind, cfg, model, tokenizer, records, args_common, callback, base_dir)
     try:
@@ -353,45 +386,50 @@ def _run(
             f"Lower finetune.{kind}.lr (now {cfg.lr}); metrics are in {metrics_path}"
         )
 
-    policy.config.use_cache = True  # the trainer turns the KV cache off; generation wants it on
-    hf_dir = work / "hf"
-    policy.config.save_pretrained(str(hf_dir))
-    if getattr(policy, "generation_config", None) is not None:
-        policy.generation_config.save_pretrained(str(hf_dir))
-    tokenizer.save_pretrained(str(hf_dir))
-    extra: dict[str, Any] = {p.name: p.read_bytes() for p in sorted(hf_dir.iterdir()) if p.is_file()}
-    for fname in _COPIED_FROM_BASE:
-        if (base_dir / fname).is_file() and fname not in extra:
-            extra[fname] = (base_dir / fname).read_bytes()
-    extra[FINETUNE_METRICS] = metrics_path.read_bytes() if metrics_path.is_file() else b""
-    from llm360.config import to_yaml
+    out = FinetuneResult(out_dir, kind, steps, [], {})  # what the other ranks return
+    # rank 0 writes the folder (every rank holds the same weights); a failure there stops every rank
+    with together(info):
+        if info.is_main:
+            policy.config.use_cache = True  # the trainer turns the KV cache off; generation wants it on
+            hf_dir = work / "hf"
+            policy.config.save_pretrained(str(hf_dir))
+            if getattr(policy, "generation_config", None) is not None:
+                policy.generation_config.save_pretrained(str(hf_dir))
+            tokenizer.save_pretrained(str(hf_dir))
+            extra: dict[str, Any] = {p.name: p.read_bytes() for p in sorted(hf_dir.iterdir()) if p.is_file()}
+            for fname in _COPIED_FROM_BASE:
+                if (base_dir / fname).is_file() and fname not in extra:
+                    extra[fname] = (base_dir / fname).read_bytes()
+            extra[FINETUNE_METRICS] = metrics_path.read_bytes() if metrics_path.is_file() else b""
+            from llm360.config import to_yaml
 
-    extra[FINETUNE_CONFIG] = to_yaml(cfg)
-    if builtin_name is not None:
-        extra[FINETUNE_BUILTIN_DATA] = data_path.read_bytes()
+            extra[FINETUNE_CONFIG] = to_yaml(cfg)
+            if builtin_name is not None:
+                extra[FINETUNE_BUILTIN_DATA] = data_path.read_bytes()
 
-    metrics = [json.loads(line) for line in extra[FINETUNE_METRICS].decode().splitlines() if line.strip()]
-    summary = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    lineage = _lineage(
-        kind=kind, name=name, run=run, base_dir=base_dir, marker_sha=marker_sha, data=data, records=records,
-        builtin_name=builtin_name, cfg=cfg, template=template, device=device, bf16=bf16, max_length=max_length,
-        steps=steps, epochs=float(trainer.state.epoch or 0.0), summary=summary, last=metrics[-1] if metrics else {},
-        seconds=time.time() - t_start,
-    )  # fmt: skip
-    extra[LINEAGE] = json.dumps(lineage, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+            metrics = [json.loads(line) for line in extra[FINETUNE_METRICS].decode().splitlines() if line.strip()]
+            summary = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+            lineage = _lineage(
+                kind=kind, name=name, run=run, base_dir=base_dir, marker_sha=marker_sha, data=data, records=records,
+                builtin_name=builtin_name, cfg=cfg, template=template, device=device, bf16=bf16, max_length=max_length,
+                steps=steps, epochs=float(trainer.state.epoch or 0.0), summary=summary, last=metrics[-1] if metrics else {},
+                seconds=time.time() - t_start, world_size=info.world_size,
+            )  # fmt: skip
+            extra[LINEAGE] = json.dumps(lineage, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
-    from llm360.rundir.checkpoint import save_checkpoint
+            from llm360.rundir.checkpoint import save_checkpoint
 
-    trainer_state = {
-        "step": steps,
-        "kind": kind,
-        "epoch": float(trainer.state.epoch or 0.0),
-        "records": len(records.rows),
-        "base_checkpoint": lineage["base_checkpoint"]["path"],
-    }
-    save_checkpoint(out_dir, model_state=state, trainer_state=trainer_state, extra_files=extra)
-    logger.info("wrote %s (%d steps, %.0f s)", out_dir, steps, time.time() - t_start)
-    return FinetuneResult(out_dir, kind, steps, metrics, lineage)
+            trainer_state = {
+                "step": steps,
+                "kind": kind,
+                "epoch": float(trainer.state.epoch or 0.0),
+                "records": len(records.rows),
+                "base_checkpoint": lineage["base_checkpoint"]["path"],
+            }
+            save_checkpoint(out_dir, model_state=state, trainer_state=trainer_state, extra_files=extra)
+            logger.info("wrote %s (%d steps, %.0f s)", out_dir, steps, time.time() - t_start)
+            out = FinetuneResult(out_dir, kind, steps, metrics, lineage)
+    return out
 
 
 # ----------------------------------------------------------------------------------- lineage
@@ -434,6 +472,7 @@ def _lineage(
     summary: dict[str, Any],
     last: dict[str, Any],
     seconds: float,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     base: dict[str, Any] = {
         "path": _rel(base_dir, run),
@@ -474,6 +513,7 @@ def _lineage(
         "chat_template": template,
         "max_length": max_length,
         "device": device,
+        "world_size": world_size,
         "precision": "bf16 autocast, fp32 weights" if bf16 else "fp32",
         "steps": steps,
         "epochs": epochs,

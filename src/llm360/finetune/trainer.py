@@ -232,9 +232,13 @@ def _quiet(trainer: Any) -> Any:
 
 
 class MetricsCallback:
-    """Writes one JSON line per logged optimizer step, in the project's metrics format, and logs a summary."""
+    """Writes one JSON line per logged optimizer step, in the project's metrics format, and logs a summary.
 
-    def __init__(self, path: Path, kind: str) -> None:
+    ``enabled=False`` (every rank but 0 under torchrun): nothing is written, shown or logged. The
+    Trainer logs the loss averaged over the ranks on each of them.
+    """
+
+    def __init__(self, path: Path, kind: str, enabled: bool = True) -> None:
         from transformers import TrainerCallback
 
         # Subclassing at run time keeps transformers out of this module's import.
@@ -245,7 +249,8 @@ class MetricsCallback:
                 outer._begin(state)
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                outer._task.advance(1)
+                if outer._task is not None:
+                    outer._task.advance(1)
 
             def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
                 outer._log(state, logs or {})
@@ -253,12 +258,15 @@ class MetricsCallback:
         self.callback = _CB()
         self.path = path
         self.kind = kind
+        self.enabled = enabled
         self._writer: Any = None
         self._t0 = time.perf_counter()
         self._progress: Any = None
         self._task: Any = None
 
     def _begin(self, state: Any) -> None:
+        if not self.enabled:
+            return
         from llm360.log import progress
         from llm360.train.metrics import JsonlWriter
 
