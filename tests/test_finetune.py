@@ -418,3 +418,10 @@ def test_finetune_under_torchrun_takes_the_same_optimizer_batches_and_rank_0_wri
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
     assert not [p for p in (run_dir / "finetune").iterdir() if p.name.startswith(".")]  # no work folder left
+
+
+def test_an_accumulation_that_does_not_split_over_the_ranks_is_a_config_error(run_dir: Path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
+    with pytest.raises(ConfigError, match="gradient_accumulation = 3 does not split over 2 ranks.*multiple of 2"):
+        sft(run_dir, "ckpt_000", "builtin:instructions", SftConfig(name="odd", **{**FAST, "gradient_accumulation": 3}))
+    assert not (run_dir / "finetune" / "odd").exists()
