@@ -143,6 +143,73 @@ def test_fsdp_bf16_uses_the_mixed_precision_policy_and_tracks_one_process(tmp_pa
         torch.testing.assert_close(w[k], ref[k], rtol=0.05, atol=5e-3)
 
 
+@pytest.mark.slow
+def test_verify_replays_a_two_rank_fsdp_run_bit_for_bit_under_torchrun(tmp_path: Path):
+    from llm360.release.build import release
+
+    # FSDP: a model that needs its shards on several ranks replays on as many, with the run's layout
+    cfg = tiny_run_config(tmp_path, parallelism="fsdp", max_chunks=2)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    prepare(cfg, tmp_path / "run")
+    torchrun(2, cfg_path, tmp_path / "run")
+    rel = release(tmp_path / "run", tmp_path / "rel")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llm360.cli",
+           "--no-progress", "verify", str(rel), "--replay", "0", "1", "--json"]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    rep = json.loads(out)  # rank 0's verdict alone: the other rank prints nothing
+    assert rep["ok"], rep["problems"]
+    assert [r["mode"] for r in rep["replays"]] == ["bitwise", "bitwise"]
+    assert any("SHA256SUMS" in line or "sha256" in line for line in rep["passed"])
+    assert not list(scratch.glob("llm360-replay-*"))  # the work folders are gone
+
+
+REJOIN = """
+import os, time
+import torch, torch.distributed as dist
+from llm360.train.parallel import destroy_distributed, init_distributed
+rank = int(os.environ["RANK"])
+for i in range(3):
+    init_distributed("cpu")
+    x = torch.tensor([rank + 1.0])
+    dist.all_reduce(x)
+    assert x.item() == 3.0, x
+    dist.barrier()
+    destroy_distributed()
+    if rank == 0:
+        time.sleep(1)  # rank 1 joins the next group first, as after a replay, whose rank 0 then compares
+print("joined", i + 1)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_joins_a_new_process_group_after_destroying_one_under_torchrun(tmp_path: Path):
+    # torchrun's store keeps the addresses the previous group's ranks published under the same keys
+    script = tmp_path / "rejoin.py"
+    script.write_text(REJOIN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert out.split("\n").count("joined 3") == 2
+
+
 def first_chunk_and_the_rest(cfg, tmp: Path) -> tuple[Path, Path]:
     """Config files for training chunk 0 only, and for the whole run (what a second launch resumes)."""
     raw = cfg.model_dump(mode="json")

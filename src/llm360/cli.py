@@ -428,7 +428,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise ConfigError("--source only applies with --rederive")
     with _executor(args) as ex:
         rep = verify(args.release, replay=args.replay or [], rederive_data=args.rederive, source_paths=source_paths,
-                     threads=args.threads, executor=ex)
+                     threads=args.threads, executor=ex, replay_dir=args.replay_dir)
+    if rep.secondary:  # under torchrun: rank 0 reports
+        return EXIT_OK
     code = EXIT_OK if rep.ok else EXIT_CHECK_FAILED
     if args.json:
         out.json({"release": rep.release, "ok": rep.ok, "passed": rep.passed, "problems": rep.problems,
@@ -695,7 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("verify", help="check a release: checksums, completeness, replay chunks, rederive data")
     sp.add_argument("release", help="release folder")
     sp.add_argument("--replay", type=_INDEX, nargs="+", metavar="I",
-                    help="re-train chunk I from ckpt_{I-1} and compare")
+                    help="re-train chunk I from ckpt_{I-1} and compare (under torchrun: with the run's layout, "
+                         "on the ranks torchrun starts)")
+    sp.add_argument("--replay-dir", help="where replays re-train (default: a temporary folder; under torchrun on "
+                                         "several nodes a folder every node sees)")
     sp.add_argument("--rederive", action="store_true", help="rebuild the data from the raw sources and compare")
     sp.add_argument("--source", action="append", metavar="NAME=PATH[,PATH]",
                     help="with --rederive: read source NAME from these paths (a local copy of its raw files) "

@@ -72,6 +72,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     passed: list[str] = field(default_factory=list)
     replays: list[dict] = field(default_factory=list)
+    secondary: bool = False
+    """Under torchrun, a rank other than 0: it took part in the replays, and rank 0 reports."""
 
     @property
     def ok(self) -> bool:
@@ -243,9 +245,10 @@ def _compare_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wha
     return worst
 
 
-def replay_chunk(root: Path, i: int) -> dict:
-    """Re-train chunk i of a release from its previous checkpoint; compare with ckpt_i."""
+def replay_chunk(root: Path, i: int, work_dir: Path | None = None) -> dict:
+    """Re-train chunk i of a release from its previous checkpoint; compare with ckpt_i (on rank 0)."""
     from llm360.train import replay_chunk as retrain_chunk
+    from llm360.train.parallel import launched_rank
 
     rd = RunDir(root)
     result: dict = {"chunk": i, "problems": []}
@@ -253,7 +256,9 @@ def replay_chunk(root: Path, i: int) -> dict:
         if not need.is_dir():
             result["problems"].append(f"replay {i}: {need.name} is not in the release")
             return result
-    replayed = retrain_chunk(root, i)  # follows the guard decisions ckpt_i recorded
+    replayed = retrain_chunk(root, i, work_dir=work_dir)  # follows the guard decisions ckpt_i recorded
+    if launched_rank()[0] != 0:
+        return result  # rank 0 compares
     if replayed.skipped_chunk:
         result["skipped_chunk"] = True
     if replayed.init_state is not None and rd.init_checkpoint.is_dir():
@@ -268,6 +273,49 @@ def replay_chunk(root: Path, i: int) -> dict:
                                         f"replay {i} optimizer state", exact, result["problems"]))
     result["max_abs_diff"] = worst
     return result
+
+
+def _replays(root: Path, report: VerifyReport, replay: Sequence[int], replay_dir: str | Path | None) -> None:
+    for i in replay:
+        res = replay_chunk(root, i, Path(replay_dir) / index_name(i) if replay_dir else None)
+        report.replays.append(res)
+        if res["problems"]:
+            report.problems.extend(res["problems"])
+        else:
+            report.passed.append(f"replay of chunk {index_name(i)}: {res.get('mode')} match "
+                                 f"(max abs diff {res.get('max_abs_diff', 0.0):.3g})")
+
+
+def _rederive_into(root: Path, report: VerifyReport, source_paths: Mapping[str, Sequence[str]] | None,
+                   executor: Executor | None) -> None:
+    probs = rederive(root, source_paths, executor=executor)
+    report.problems.extend(probs)
+    if not probs:
+        report.passed.append("data rederived from the raw sources: every chunk, provenance, validation, "
+                             "document and tokenizer file is identical")
+
+
+def _verify_on_ranks(root: Path, report: VerifyReport, replay: Sequence[int], replay_dir: str | Path | None,
+                     rederive_data: bool, source_paths: Mapping[str, Sequence[str]] | None, threads: int | None,
+                     executor: Executor | None) -> VerifyReport:  # fmt: skip
+    """verify under torchrun: the replays on every rank (each rank decides alike, from the listing),
+    then the files on rank 0 -- whose hashing may take hours, so no rank waits on it in a collective."""
+    from llm360.train.parallel import launched_rank
+
+    listing = walk(root)
+    if replay and (listing.links or listing.other):
+        report.problems.append("replay not run: the release holds symlinks or special files, which a replay would "
+                               "follow; replace them with the files themselves")
+        replay = []
+    _replays(root, report, replay, replay_dir)
+    if launched_rank()[0] != 0:
+        report.secondary = True
+        return report
+    computed, listing = _check_sums(root, report, threads)
+    _check_consistency(root, report, computed, listing)
+    if rederive_data:
+        _rederive_into(root, report, source_paths, executor)
+    return report
 
 
 # ---------------------------------------------------------------------------------- rederive
@@ -356,8 +404,14 @@ def verify(
     source_paths: Mapping[str, Sequence[str]] | None = None,
     threads: int | None = None,
     executor: Executor | None = None,
+    replay_dir: str | Path | None = None,
 ) -> VerifyReport:
     """Check a release (or a run directory with a SHA256SUMS); see the module docstring.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank re-trains the replayed chunks together, with the
+    run's layout, first; then rank 0 alone checks the files and reports, and the other ranks return
+    a report marked ``secondary``. ``replay_dir``: where replays re-train (a folder every rank
+    sees; default a temporary folder, which on several nodes is an error).
 
     ``source_paths`` (with ``rederive_data``): where to read named sources' raw files from.
     ``threads``: files hashed at once (default min(4, cores)). ``executor``: where a rederive's
@@ -369,24 +423,18 @@ def verify(
     if not root.is_dir():
         raise ReleaseError(f"{root} is not a folder")
     report = VerifyReport(root)
+    from llm360.train.parallel import launched_rank
+
+    if launched_rank()[1] > 1:
+        return _verify_on_ranks(root, report, replay or [], replay_dir, rederive_data, source_paths, threads,
+                                executor)
     computed, listing = _check_sums(root, report, threads)
     _check_consistency(root, report, computed, listing)
     if replay and (listing.links or listing.other):
         report.problems.append("replay not run: the release holds symlinks or special files (listed above), which "
                                "a replay would follow; replace them with the files themselves")
         replay = []
-    for i in replay or []:
-        res = replay_chunk(root, i)
-        report.replays.append(res)
-        if res["problems"]:
-            report.problems.extend(res["problems"])
-        else:
-            report.passed.append(f"replay of chunk {index_name(i)}: {res.get('mode')} match "
-                                 f"(max abs diff {res.get('max_abs_diff', 0.0):.3g})")
+    _replays(root, report, replay or [], replay_dir)
     if rederive_data:
-        probs = rederive(root, source_paths, executor=executor)
-        report.problems.extend(probs)
-        if not probs:
-            report.passed.append("data rederived from the raw sources: every chunk, provenance, validation, "
-                                 "document and tokenizer file is identical")
+        _rederive_into(root, report, source_paths, executor)
     return report

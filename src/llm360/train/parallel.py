@@ -63,8 +63,29 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _join_process_group("nccl" if use_cuda else "gloo", rank, world)
     return DistInfo(rank, world, local, dev)
+
+
+_groups_joined = 0
+"""Process groups this process has joined through :func:`init_distributed` (each rank alike)."""
+
+
+def _join_process_group(backend: str, rank: int, world: int) -> None:
+    """``init_process_group`` from torchrun's environment, in a key space of its own for each group joined.
+
+    torchrun's store outlives a process group, and after ``destroy_process_group`` the next default
+    group takes the same name: its ranks would read the addresses the previous group's ranks left
+    there, and a rank that reads a peer's before the peer has published its new one connects to a
+    closed port until gloo's 30-minute timeout (two replays in one ``verify`` hung so). Every rank
+    joins and leaves the same groups in the same order, so the count names the same space on all.
+    """
+    global _groups_joined
+    n = _groups_joined
+    _groups_joined += 1
+    store, rank, world = next(dist.rendezvous("env://", rank, world))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"llm360_pg{n}", store), rank=rank,
+                            world_size=world)
 
 
 def destroy_distributed() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from llm360.config import load_config
-from llm360.errors import CheckpointError
+from llm360.errors import CheckpointError, ConfigError
 from llm360.rundir.checkpoint import read_tensors, read_trainer_state
 from llm360.rundir.data import TrainingRecord
 from llm360.rundir.layout import RunDir, ckpt_name, index_name
@@ -70,7 +70,14 @@ def replay_chunk(
     where training would (with ``auto``, deterministic there only on CPU). Raises CheckpointError
     when ``ckpt_{chunk}`` or ``ckpt_{chunk-1}`` is missing, and the trainer's errors (ConfigError,
     CheckpointError, DataError) when re-training fails.
+
+    Under torchrun every rank calls it: the chunk is re-trained with the run's layout (DDP, FSDP,
+    HSDP) on the ranks torchrun started, so a run trained on N ranks replays bit for bit on N ranks
+    (CPU, deterministic). Rank 0 stages the work folder (on several nodes ``work_dir`` must be on a
+    file system every node sees) and alone returns the tensors; the other ranks' results hold none.
     """
+    from llm360.train.parallel import destroy_distributed, full_tensors, init_distributed, launched_rank
+
     rd = RunDir(run_dir)
     target = rd.ckpt_dir(chunk)
     prev = rd.ckpt_dir(chunk - 1) if chunk > 0 else None
@@ -84,17 +91,44 @@ def replay_chunk(
     if device is None:
         device = "cpu" if cfg.train.deterministic is True else None  # auto: where training would run
     keep = work_dir is not None
-    work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=f"llm360-replay-{index_name(chunk)}-"))
+    rank, world = launched_rank()
+    if world > 1 and not keep and int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world:
+        raise ConfigError(f"a replay on {world} ranks over several nodes needs a work folder every node sees "
+                          "(verify --replay-dir DIR on a shared file system); a temporary folder is one node's")
+    import torch.distributed as dist
+
+    owned = world > 1 and not dist.is_initialized()
+    if world > 1:  # under torchrun: the replay trains with the run's layout; rank 0 stages the work folder
+        init_distributed(device)
+    work: Path | None = None
+    failed: str | None = None
+    if rank == 0:
+        try:
+            work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=f"llm360-replay-{index_name(chunk)}-"))
+            RunDir(work).checkpoints.mkdir(parents=True)
+            os.symlink(rd.data.resolve(), work / "data")
+            if prev is not None:
+                shutil.copytree(prev, RunDir(work).checkpoints / prev.name)
+        except OSError as e:
+            failed = f"replay of chunk {index_name(chunk)}: cannot stage its work folder {work}: {e}"
+    if world > 1:  # every rank learns the folder, or that rank 0 could not make it
+        box = [failed or str(work)]
+        dist.broadcast_object_list(box, src=0)
+        failed = box[0] if str(box[0]).startswith("replay of chunk") else None
+        work = Path(str(box[0]))
+    if failed:
+        if owned:
+            destroy_distributed()
+        raise CheckpointError(failed)
+    assert work is not None
+    done = False
     try:
-        RunDir(work).checkpoints.mkdir(parents=True)
-        os.symlink(rd.data.resolve(), work / "data")
-        if prev is not None:
-            shutil.copytree(prev, RunDir(work).checkpoints / prev.name)
         init_state = None
         with Trainer(cfg, work, device=device, recorded=record) as trainer:
             trainer.setup()
-            if chunk == 0:
-                init_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            if chunk == 0:  # (sharded under FSDP: every rank gathers, collectively)
+                sd = trainer.model.state_dict()
+                init_state = {k: v.to("cpu", copy=True) for k, v in full_tensors(sd, sd.keys()).items()}
             if chunk in record.skipped_chunks:
                 # skipped by a guard: the chunk's checkpoint holds the previous state
                 trainer.save(ckpt_name(chunk), chunk=chunk)
@@ -104,13 +138,19 @@ def replay_chunk(
                 trainer.fit()
             on = trainer.info.device
         replayed = RunDir(work).checkpoints / target.name
+        done = True
         logger.info("replayed chunk %s on %s", index_name(chunk), on)
+        bitwise = cfg.train.deterministic_on(on.type) and on.type == "cpu"
+        if rank != 0:  # rank 0 reads the re-trained checkpoint and compares
+            return ReplayResult(chunk=chunk, model_state={}, optimizer_state={}, init_state=None, bitwise=bitwise,
+                                device=str(on), record=record, skipped_steps=tuple(sorted(skipped)),
+                                reseeds=record.reseeds(chunk), checkpoint=None)
         return ReplayResult(
             chunk=chunk,
             model_state=read_tensors(replayed),
             optimizer_state=read_tensors(replayed, "optimizer"),
             init_state=init_state,
-            bitwise=cfg.train.deterministic_on(on.type) and on.type == "cpu",
+            bitwise=bitwise,
             device=str(on),
             record=record,
             skipped_steps=tuple(sorted(skipped)),
@@ -118,5 +158,9 @@ def replay_chunk(
             checkpoint=replayed if keep else None,
         )
     finally:
-        if not keep:
+        if owned:  # the group this call joined goes before the interpreter exits (gloo aborts otherwise)
+            if done:
+                dist.barrier()
+            destroy_distributed()
+        if not keep and rank == 0:
             shutil.rmtree(work, ignore_errors=True)
