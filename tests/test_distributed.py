@@ -255,10 +255,12 @@ def test_tensor_parallel_matches_one_process_and_resumes_its_own_blocks(tmp_path
     """Tensor parallel 2 alone (2 ranks), data x tensor 2 x 2 (FSDP over the data dimension) and HSDP
     (2 x 2) x tensor 2: losses per step and final weights within 1e-5 of one process; the second launch
     reads its blocks of ckpt_000 back (q/k/v split by rows, o_proj by columns), and a single process
-    resumes the same checkpoint."""
+    resumes the same checkpoint. Tensor parallel alone runs compiled, data x tensor with activation
+    checkpointing."""
     cfg = tiny_run_config(tmp_path, parallelism=parallelism, tensor_parallel=2, micro_batch_sequences=1,
                           shard_group_size=2 if parallelism == "hsdp" else None,
-                          activation_checkpointing=parallelism == "fsdp")  # recomputed blocks: the same numbers
+                          activation_checkpointing=parallelism == "fsdp",  # recomputed blocks: the same numbers
+                          compile=parallelism == "ddp")
     first, rest = first_chunk_and_the_rest(cfg, tmp_path)
     raw = cfg.model_dump(mode="json")
     single_cfg = validate_config({**raw, "train": {**raw["train"], "parallelism": "ddp", "tensor_parallel": 1,
