@@ -144,11 +144,14 @@ def test_fsdp_bf16_uses_the_mixed_precision_policy_and_tracks_one_process(tmp_pa
 
 
 @pytest.mark.slow
-def test_verify_replays_a_two_rank_fsdp_run_bit_for_bit_under_torchrun(tmp_path: Path):
+@pytest.mark.parametrize(("parallelism", "tensor_parallel"), [("fsdp", 1), ("ddp", 2)])
+def test_verify_replays_a_two_rank_run_bit_for_bit_under_torchrun(tmp_path: Path, parallelism: str,
+                                                                   tensor_parallel: int):
     from llm360.release.build import release
 
-    # FSDP: a model that needs its shards on several ranks replays on as many, with the run's layout
-    cfg = tiny_run_config(tmp_path, parallelism="fsdp", max_chunks=2)
+    # FSDP or tensor parallel: a model that needs its shards on several ranks replays on as many, with the
+    # run's layout
+    cfg = tiny_run_config(tmp_path, parallelism=parallelism, tensor_parallel=tensor_parallel, max_chunks=2)
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(to_yaml(cfg))
     prepare(cfg, tmp_path / "run")
@@ -263,9 +266,11 @@ def test_tensor_parallel_matches_one_process_and_resumes_its_own_blocks(tmp_path
                           compile=parallelism == "ddp")
     first, rest = first_chunk_and_the_rest(cfg, tmp_path)
     raw = cfg.model_dump(mode="json")
+    # (the in-process runs are not compiled: torch.compile's state would outlive them in the test process)
     single_cfg = validate_config({**raw, "train": {**raw["train"], "parallelism": "ddp", "tensor_parallel": 1,
-                                                   "shard_group_size": None}})
-    one_rank = validate_config({**raw, "train": {**raw["train"], "tensor_parallel": 1}})  # the same run on 1
+                                                   "shard_group_size": None, "compile": False}})
+    one_rank = validate_config({**raw, "train": {**raw["train"], "tensor_parallel": 1,  # the same run on 1
+                                                 "compile": False}})
     prepare(single_cfg, tmp_path / "single")
     train(single_cfg, tmp_path / "single")
     prepare(cfg, tmp_path / "tp")

@@ -386,35 +386,42 @@ def test_finetune_under_torchrun_takes_the_same_optimizer_batches_and_rank_0_wri
     run_dir: Path, kind: str
 ):
     """SFT and DPO on 2 gloo ranks with gradient_accumulation 2 (one micro-batch a rank per step) against one
-    process with the same settings: the same optimizer batch, losses per step and final weights; one folder."""
+    process with the same settings: the same optimizer batch, losses per step and final weights; one folder.
+    Both run as fresh processes of the CLI (the test process's own state -- flags, seeds, environment other
+    tests changed -- stays out of the comparison)."""
     from test_distributed import kill_tree
 
     fast = {**FAST, "gradient_accumulation": 2, "max_records": 32, "max_steps": 3, "log_every": 1}
     data = "builtin:instructions" if kind == "sft" else "builtin:preferences"
-    section = (SftConfig if kind == "sft" else DpoConfig)(name=f"{kind}-one", **fast)
-    one = finetune(kind, run_dir, "ckpt_000", data, section)
-    sets = [a for k, v in {**fast, "name": f"{kind}-two"}.items() for a in ("--set", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llm360.cli",
-           "--no-progress", "finetune", kind, "--run-dir", str(run_dir), "--from", "ckpt_000", "--data", data, *sets]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
+
+    def run(nproc: int, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        sets = [a for k, v in {**fast, "name": name}.items() for a in ("--set", f"{k}={v}")]
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+        cmd = [sys.executable, *launch, "-m", "llm360.cli", "--no-progress", "finetune", kind,
+               "--run-dir", str(run_dir), "--from", "ckpt_000", "--data", data, *sets]
+        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.communicate()
+        assert proc.returncode == 0, err[-3000:]
+        return subprocess.CompletedProcess(cmd, 0, out, err), run_dir / "finetune" / name
+
+    _, one_dir = run(1, f"{kind}-one")
+    done, two = run(2, f"{kind}-two")
+    out = done.stdout
     assert out.count(f"{kind} done") == 1  # rank 0's answer only
-    two = run_dir / "finetune" / f"{kind}-two"
     verify_checkpoint(two)
     lineage = json.loads((two / "lineage.json").read_text())
-    assert lineage["world_size"] == 2 and one.lineage["world_size"] == 1
-    rows = read_jsonl(two / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [r["step"] for r in one.metrics] == [0, 1, 2]
-    for a, b in zip(one.metrics, rows, strict=True):
+    assert lineage["world_size"] == 2 and json.loads((one_dir / "lineage.json").read_text())["world_size"] == 1
+    rows, ref = read_jsonl(two / "metrics.jsonl"), read_jsonl(one_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [0, 1, 2]
+    for a, b in zip(ref, rows, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (a, b)
-    wa, wb = load_file(str(one.folder / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    wa, wb = load_file(str(one_dir / "model.safetensors")), load_file(str(two / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
     assert not [p for p in (run_dir / "finetune").iterdir() if p.name.startswith(".")]  # no work folder left
