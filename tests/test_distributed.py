@@ -68,6 +68,21 @@ def torchrun(nproc: int, cfg_path: Path, run: Path, timeout: int = 240) -> subpr
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def run_bounded(cmd: list[str], timeout: int, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (one thread a process, in a session of its own, ``env`` added); every process it started
+    is killed when it outlives ``timeout``. Fails the test, with the tail of its stderr, unless it exits 0."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(cmd, 0, out, err)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_two_ranks_match_one_and_resume_on_another_world_size(tmp_path: Path, parallelism: str):
@@ -161,16 +176,7 @@ def test_verify_replays_a_two_rank_run_bit_for_bit_under_torchrun(tmp_path: Path
            "--no-progress", "verify", str(rel), "--replay", "0", "1", "--json"]
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
-    rep = json.loads(out)  # rank 0's verdict alone: the other rank prints nothing
+    rep = json.loads(run_bounded(cmd, 240, TMPDIR=str(scratch)).stdout)  # rank 0's verdict alone: the other rank prints nothing
     assert rep["ok"], rep["problems"]
     assert [r["mode"] for r in rep["replays"]] == ["bitwise", "bitwise"]
     assert any("SHA256SUMS" in line or "sha256" in line for line in rep["passed"])
@@ -201,16 +207,7 @@ def test_a_process_joins_a_new_process_group_after_destroying_one_under_torchrun
     script = tmp_path / "rejoin.py"
     script.write_text(REJOIN)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
-    assert out.split("\n").count("joined 3") == 2
+    assert run_bounded(cmd, 120).stdout.split("\n").count("joined 3") == 2
 
 
 def first_chunk_and_the_rest(cfg, tmp: Path) -> tuple[Path, Path]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -389,30 +387,20 @@ def test_finetune_under_torchrun_takes_the_same_optimizer_batches_and_rank_0_wri
     process with the same settings: the same optimizer batch, losses per step and final weights; one folder.
     Both run as fresh processes of the CLI (the test process's own state -- flags, seeds, environment other
     tests changed -- stays out of the comparison)."""
-    from test_distributed import kill_tree
+    from test_distributed import run_bounded
 
     fast = {**FAST, "gradient_accumulation": 2, "max_records": 32, "max_steps": 3, "log_every": 1}
     data = "builtin:instructions" if kind == "sft" else "builtin:preferences"
 
-    def run(nproc: int, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    def run(nproc: int, name: str) -> tuple[str, Path]:
         sets = [a for k, v in {**fast, "name": name}.items() for a in ("--set", f"{k}={v}")]
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
         cmd = [sys.executable, *launch, "-m", "llm360.cli", "--no-progress", "finetune", kind,
                "--run-dir", str(run_dir), "--from", "ckpt_000", "--data", data, *sets]
-        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = proc.communicate(timeout=300)
-        finally:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
-                proc.communicate()
-        assert proc.returncode == 0, err[-3000:]
-        return subprocess.CompletedProcess(cmd, 0, out, err), run_dir / "finetune" / name
+        return run_bounded(cmd, 300).stdout, run_dir / "finetune" / name
 
     _, one_dir = run(1, f"{kind}-one")
-    done, two = run(2, f"{kind}-two")
-    out = done.stdout
+    out, two = run(2, f"{kind}-two")
     assert out.count(f"{kind} done") == 1  # rank 0's answer only
     verify_checkpoint(two)
     lineage = json.loads((two / "lineage.json").read_text())
