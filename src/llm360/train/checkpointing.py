@@ -5,7 +5,7 @@ tensors split into files, are :mod:`llm360.rundir.checkpoint`'s and :mod:`llm360
 gathering shards is :mod:`llm360.train.parallel`'s. Here they meet:
 
 - a save: every rank computes the same content and file layout; each gathers the full tensors of
-  the files dealt to it (for a sharded model, one collective per tensor) and writes and hashes them
+  the files dealt to it (for a sharded model, one gather per tensor, to its owner only) and writes and hashes them
   at once with the others, into the folder rank 0 staged; rank 0 adds the small files, then the
   marker over every rank's records, last, and renames the folder in. The bytes are those a
   single process writes (:func:`~llm360.rundir.checkpoint.save_checkpoint`).
@@ -38,8 +38,8 @@ from llm360.rundir.shards import MB, SliceReader
 from llm360.train.parallel import (
     DistInfo,
     broadcast_object,
-    full_tensors,
     gather_objects,
+    gather_to_owners,
     is_sharded,
     local_block,
     together,
@@ -127,9 +127,9 @@ def save_together(
         rng_state=ckpt.capture_rng(), extra_files=extra_files, shard_bytes=shard_bytes,
     )
     mine = content.layout.files_of(info.rank, info.world_size)
-    keep = {n for f in mine for n in content.layout.names_in(f)}
+    owner = {n: j % info.world_size for j, f in enumerate(content.layout.files) for n in content.layout.names_in(f)}
     with torch.no_grad():  # collectives, in the same order on every rank
-        full = full_tensors({**content.model_state, **content.optimizer_tensors}, keep)
+        full = gather_to_owners({**content.model_state, **content.optimizer_tensors}, owner, info)
     files: dict[str, ckpt.FileContent] = {f: content.tensor_file(f, full) for f in mine}
     if info.is_main:
         files.update(content.small_files)

@@ -12,6 +12,7 @@ Without torchrun everything here is a no-op with world size 1.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -89,6 +90,7 @@ def _join_process_group(backend: str, rank: int, world: int) -> None:
 
 
 def destroy_distributed() -> None:
+    _groups_by_ranks.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -300,6 +302,61 @@ def full_tensors(tensors: Mapping[str, torch.Tensor], keep: Collection[str]) -> 
         elif name in keep:
             out[name] = t.detach()
     return out
+
+
+_groups_by_ranks: dict[tuple[int, ...], object] = {}
+"""Process groups over the ranks of a mesh, made once per process group joined (:func:`destroy_distributed` forgets them)."""
+
+
+def _groups_over(meshes: list[tuple[int, ...]]) -> dict[tuple[int, ...], object]:
+    for r in meshes:  # new_group is collective over the world: every rank makes every group, in one order
+        if r not in _groups_by_ranks:
+            _groups_by_ranks[r] = dist.new_group(list(r))
+    return _groups_by_ranks
+
+
+def gather_to_owners(tensors: Mapping[str, torch.Tensor], owner: Mapping[str, int],
+                     info: DistInfo) -> dict[str, torch.Tensor]:
+    """The full value (in host memory) of each tensor whose ``owner`` is this rank; the others dropped.
+
+    Collective when ``tensors`` holds DTensors: every rank passes the same names in the same order.
+    A sharded tensor's blocks go to its owner only -- one ``gather`` over the ranks of its mesh
+    that include the owner (a tensor replicated over another mesh dimension has a copy on each of
+    several sub-meshes; the owner's gathers it) -- so each rank receives about the bytes it writes,
+    not the whole model as an all-gather would give every rank. A plain tensor is returned as it
+    is, not copied.
+    """
+    sharded = {n: t for n, t in tensors.items() if isinstance(t, DTensor)}
+    mine = {n: t.detach() for n, t in tensors.items() if n not in sharded and owner[n] == info.rank}
+    if not sharded:
+        return mine
+    meta = {n: (tuple(t.device_mesh.mesh.flatten().tolist()), *local_block(t)[1:]) for n, t in sharded.items()}
+    every = gather_objects(meta, info)  # every rank's mesh and block (offsets, shape) of every sharded tensor
+    groups = _groups_over(sorted({m[n][0] for m in every for n in m}))
+    for name, t in sharded.items():
+        ranks, dst = meta[name][0], owner[name]
+        if dst not in ranks:
+            continue  # this rank's copy is not the owner's
+        local = t.to_local().detach().contiguous().reshape(-1)
+        if len(ranks) == 1:  # a mesh of one rank holds the whole tensor
+            mine[name] = local.view(tuple(t.shape)).cpu()
+            continue
+        blocks = [every[r][name] for r in ranks]
+        width = max(math.prod(shape) for _, _, shape in blocks)
+        send = local
+        if local.numel() < width:  # uneven blocks: gather takes equal sizes
+            send = torch.zeros(width, dtype=local.dtype, device=local.device)
+            send[: local.numel()] = local
+        recv = [torch.empty_like(send) for _ in ranks] if dst == info.rank else None
+        dist.gather(send, recv, dst=dst, group=groups[ranks])
+        if recv is None:
+            continue
+        full = torch.empty(tuple(t.shape), dtype=local.dtype)
+        for got, (_, offsets, shape) in zip(recv, blocks, strict=True):
+            where = tuple(slice(o, o + n) for o, n in zip(offsets, shape, strict=True))
+            full[where] = got[: math.prod(shape)].view(shape).cpu()
+        mine[name] = full
+    return mine
 
 
 def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
