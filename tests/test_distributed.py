@@ -480,3 +480,51 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path: Path):
         kind, msg = seen["same"]
         assert kind == "RunDirError"
         assert "rank 0: ckpt_001 at step 40; rank 1: None" in msg and "shared by all nodes" in msg
+
+
+def _gather_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from llm360.train.parallel import DistInfo, gather_to_owners
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    info = DistInfo(rank, world)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    full = {"rows": torch.arange(7 * 3, dtype=torch.float32).view(7, 3),  # 7 rows: uneven blocks
+            "cols": torch.arange(4 * 5, dtype=torch.float32).view(4, 5),
+            "dp_only": torch.arange(5 * 2, dtype=torch.float32).view(5, 2),
+            "plain": torch.ones(3)}
+    tensors = {
+        "rows": distribute_tensor(full["rows"], mesh, [Shard(0), Shard(0)]),
+        "cols": distribute_tensor(full["cols"], mesh, [Replicate(), Shard(1)]),
+        "dp_only": distribute_tensor(full["dp_only"], mesh["dp"], [Shard(0)]),  # a copy on each tp column
+        "plain": full["plain"],
+    }
+    owner = {"rows": 3, "cols": 1, "dp_only": 2, "plain": 0}
+    got = gather_to_owners(tensors, owner, info)
+    Path(out, f"{rank}.json").write_text(json.dumps({
+        "names": sorted(got), "equal": all(torch.equal(got[n], full[n]) for n in got)}))
+    dist.destroy_process_group()
+
+
+def test_a_save_gathers_each_sharded_tensor_to_its_owner_only(tmp_path: Path):
+    # 4 ranks on a (2 x 2) mesh: a tensor split twice by rows (uneven), one by columns and replicated,
+    # one on a sub-mesh (a copy per tensor-parallel column), one plain: the owner alone gets each, whole
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_gather_worker, args=(4, str(tmp_path / "init"), str(tmp_path)), nprocs=4,
+                             join=False, start_method="spawn")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "the ranks did not finish: a collective is waiting"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    want = {0: ["plain"], 1: ["cols"], 2: ["dp_only"], 3: ["rows"]}
+    for rank in range(4):
+        seen = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert seen == {"names": want[rank], "equal": True}, (rank, seen)
