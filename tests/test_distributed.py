@@ -422,6 +422,24 @@ def test_fsdp_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Path):
     assert len(resumes) >= kills and all(e["world_size"] == 2 for e in resumes)
 
 
+def spawn_ranks(worker: Any, world: int, tmp: Path, timeout: float = 120) -> None:
+    """Run ``worker(rank, world, init_file, out_dir)`` in ``world`` spawned processes (a gloo group through
+    a file in ``tmp``, results written to ``tmp``); fails if they have not all finished within
+    ``timeout`` seconds, and kills every one still alive."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world,
+                             join=False, start_method="spawn")  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "the ranks did not finish: a collective is waiting"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
 def _agreement_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -457,18 +475,7 @@ def _agreement_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path: Path):
     # One rank failing to read a checkpoint must not leave the others waiting in a collective,
     # and ranks that see different checkpoints must not train on.
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_agreement_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, "the ranks did not finish: a collective is waiting"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_agreement_worker, 2, tmp_path)
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"{rank}.json").read_text())
         kind, msg = seen["together"]
@@ -512,18 +519,7 @@ def _gather_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_a_save_gathers_each_sharded_tensor_to_its_owner_only(tmp_path: Path):
     # 4 ranks on a (2 x 2) mesh: a tensor split twice by rows (uneven), one by columns and replicated,
     # one on a sub-mesh (a copy per tensor-parallel column), one plain: the owner alone gets each, whole
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_gather_worker, args=(4, str(tmp_path / "init"), str(tmp_path)), nprocs=4,
-                             join=False, start_method="spawn")  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, "the ranks did not finish: a collective is waiting"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_gather_worker, 4, tmp_path)
     want = {0: ["plain"], 1: ["cols"], 2: ["dp_only"], 3: ["rows"]}
     for rank in range(4):
         seen = json.loads((tmp_path / f"{rank}.json").read_text())
