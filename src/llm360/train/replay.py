@@ -76,7 +76,7 @@ def replay_chunk(
     (CPU, deterministic). Rank 0 stages the work folder (on several nodes ``work_dir`` must be on a
     file system every node sees) and alone returns the tensors; the other ranks' results hold none.
     """
-    from llm360.train.parallel import destroy_distributed, full_tensors, init_distributed, launched_rank
+    from llm360.train.parallel import destroy_distributed, gather_to_owners, init_distributed, launched_rank
 
     rd = RunDir(run_dir)
     target = rd.ckpt_dir(chunk)
@@ -126,9 +126,10 @@ def replay_chunk(
         init_state = None
         with Trainer(cfg, work, device=device, recorded=record) as trainer:
             trainer.setup()
-            if chunk == 0:  # (sharded under FSDP: every rank gathers, collectively)
+            if chunk == 0:  # to rank 0, which compares (sharded: every rank takes part in the gathers)
                 sd = trainer.model.state_dict()
-                init_state = {k: v.to("cpu", copy=True) for k, v in full_tensors(sd, sd.keys()).items()}
+                seed = gather_to_owners(sd, dict.fromkeys(sd, 0), trainer.info)
+                init_state = {k: v.to("cpu", copy=True) for k, v in seed.items()} if rank == 0 else None
             if chunk in record.skipped_chunks:
                 # skipped by a guard: the chunk's checkpoint holds the previous state
                 trainer.save(ckpt_name(chunk), chunk=chunk)
