@@ -76,8 +76,9 @@ def test_interrupted_run_resumes(tmp_path: Path):
 def test_embedded_default_end_to_end(tmp_path: Path):
     """`make demo`: the embedded default leaves a verified release and its report, and shows the paper's
     dynamics, read from the result files: held-out perplexity falls at every checkpoint, a demo task ends
-    above chance by more than two standard errors, and the k-extractible share of seen rows is above zero
-    and higher at the last checkpoint than at the first."""
+    above chance by more than two standard errors, the k-extractible share of seen rows is above zero
+    and higher at the last checkpoint than at the first, and each checkpoint's latest chunk has a higher
+    mean memorization score than the chunks it saw before (the paper's Figure 8)."""
     run = tmp_path / "demo"
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "llm360.cli", "--no-progress", "run", "--run-dir", str(run)],
@@ -107,8 +108,15 @@ def test_embedded_default_end_to_end(tmp_path: Path):
     mem = json.loads((run / "analysis" / "memorization" / "summary.json").read_text())
     share = [mem["distribution"][n]["extractible_share"] for n in mem["checkpoints"]]
     assert len(share) == len(rows) and share[-1] > 0 and share[-1] > share[0], share
+    # Figure 8: every checkpoint after the first scores its latest chunk above the earlier ones' mean
+    recency = {}
+    for name in mem["checkpoints"][1:]:
+        pc = mem["per_chunk"][name]
+        latest, means = pc["latest_seen_chunk"], pc["mean"]
+        recency[name] = (round(means[latest], 3), round(sum(means[:latest]) / latest, 3))
+    assert all(here > earlier for here, earlier in recency.values()), recency
 
     card = (run / "release" / "MODEL_CARD.md").read_text()
     assert "byte for byte" in card and platform.python_version() in card
     print(f"embedded default end to end: {elapsed:.0f} s; perplexity {[round(p, 1) for p in ppl]}; "
-          f"tasks above chance (stderrs) {margins}; k-extractible share {share}")
+          f"tasks above chance (stderrs) {margins}; k-extractible share {share}; latest vs earlier chunks {recency}")
