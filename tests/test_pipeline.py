@@ -81,8 +81,11 @@ def test_embedded_default_end_to_end(tmp_path: Path):
     mean memorization score than the chunks it saw before (the paper's Figure 8)."""
     run = tmp_path / "demo"
     t0 = time.monotonic()
+    # As `make demo` runs it: with torch's own thread count, not the suite's one thread per process
+    # (the run is the only one then; CPU training gives the same numbers with either).
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     r = subprocess.run([sys.executable, "-m", "llm360.cli", "--no-progress", "run", "--run-dir", str(run)],
-                       capture_output=True, text=True, timeout=1800)
+                       capture_output=True, text=True, timeout=1800, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     elapsed = time.monotonic() - t0
     assert verify(run / "release").ok
