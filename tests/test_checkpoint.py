@@ -727,6 +727,26 @@ def test_one_leftover_rule_for_files_folders_and_scratch(tmp_path: Path) -> None
     assert not work.exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombie detection reads /proc (Linux)")
+def test_leftovers_of_an_exited_unreaped_writer_go_and_writers_done_removes_every_one(tmp_path: Path) -> None:
+    """A worker killed with its parent answers kill(pid, 0) until it is reaped: its temporaries still go.
+    With writers_done even a live pid's go (the caller knows nothing writes there any more)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while not atomic._is_zombie(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert atomic._is_zombie(child.pid)  # exited, not reaped: kill(pid, 0) still finds it
+        (tmp_path / f".chunk_000.npy.tmp-{child.pid}").write_text("half")
+        (tmp_path / f".chunk_001.npy.tmp-{os.getppid()}").write_text("half")  # a live process's
+        atomic.clean_leftovers(tmp_path)
+        assert [p.name for p in tmp_path.iterdir()] == [f".chunk_001.npy.tmp-{os.getppid()}"]
+        atomic.clean_leftovers(tmp_path, writers_done=True)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        child.wait(timeout=30)
+
+
 def test_atomic_file_and_folder_replace(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "x.bin"
     with pytest.raises(RuntimeError), atomic.atomic_path(target) as tmp:

@@ -410,6 +410,9 @@ class Build:
             stages=[stage_json(st) for st in plan["stages"]], chunks=chunk_json, files=files,
         )
         write_json(out / MANIFEST, manifest)
+        # Every task is done and the run's lock is held: what a killed earlier attempt's workers left
+        # here (skipped at the start while their pids still answered) goes before the folder is installed.
+        clean_leftovers(out, writers_done=True)
         fsync_tree(out)
         install(out, self.rd.data)
         shutil.rmtree(self.rd.prepare_scratch, ignore_errors=True)

@@ -264,11 +264,22 @@ def _writer_alive(pid: int, path: Path) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether a process has exited but is not reaped yet (Linux: its /proc state is Z or X). A worker
+    killed with its parent stays so until init reaps it; ``kill(pid, 0)`` still finds it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (not Linux), or the process is gone now: kill() has the last word
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] in ("Z", "X")
 
 
 def clean_leftovers(
-    folder: Path, *, check_old: Callable[[Path], object] | None = None, only: str | None = None
+    folder: Path, *, check_old: Callable[[Path], object] | None = None, only: str | None = None,
+    writers_done: bool = False,
 ) -> None:
     """Finish what interrupted writes left in folder (one level): the one recovery rule.
 
@@ -276,8 +287,11 @@ def clean_leftovers(
     this one but no longer writing it: an ``old`` one (a replace interrupted between its two
     renames) is renamed back to ``<name>`` when nothing has that name, once ``check_old`` (e.g. a
     verification that raises an llm360 error) accepts it; every other one is deleted. Entries of
-    live processes are left alone. ``only``: just the entries of that name. Call it while no other
-    process of this machine may be writing into folder under the same names it is about to reuse.
+    live processes are left alone, unless ``writers_done``: the caller knows that nothing writes
+    into folder any more (a stage that holds the run's lock, with all its own tasks finished), so a
+    pid that still answers is a dying or reused one. ``only``: just the entries of that name. Call it
+    while no other process of this machine may be writing into folder under the same names it is
+    about to reuse.
     """
     if not folder.is_dir():
         return
@@ -286,7 +300,7 @@ def clean_leftovers(
         if not m or e.is_symlink() or (only is not None and m["name"] != only):
             continue
         pid = int(m["pid"])
-        if _writer_alive(pid, e):
+        if not writers_done and _writer_alive(pid, e):
             logger.warning("leaving %s: process %d may still be writing it", e, pid)
             continue
         final = folder / m["name"]
