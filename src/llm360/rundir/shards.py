@@ -60,6 +60,11 @@ def pack(sizes: Iterable[tuple[str, int]], shard_bytes: int) -> list[list[str]]:
     return groups
 
 
+def _writer(j: int, world: int) -> int:
+    """The rank of ``world`` that writes and hashes file ``j`` of a layout: round-robin."""
+    return j % world
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """The files of one checkpoint's tensors: ``(file name, tensor names)`` for the model and the optimizer."""
@@ -88,7 +93,11 @@ class ShardLayout:
 
     def files_of(self, rank: int, world: int) -> list[str]:
         """The tensor files rank ``rank`` of ``world`` writes."""
-        return [f for j, f in enumerate(self.files) if j % world == rank]
+        return [f for j, f in enumerate(self.files) if _writer(j, world) == rank]
+
+    def owners(self, world: int) -> dict[str, int]:
+        """The rank of ``world`` that writes each tensor: the one its file is dealt to (:meth:`files_of`)."""
+        return {n: _writer(j, world) for j, (_, names) in enumerate((*self.model, *self.optimizer)) for n in names}
 
     def names_in(self, file: str) -> tuple[str, ...]:
         for f, names in (*self.model, *self.optimizer):

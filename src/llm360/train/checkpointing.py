@@ -127,7 +127,7 @@ def save_together(
         rng_state=ckpt.capture_rng(), extra_files=extra_files, shard_bytes=shard_bytes,
     )
     mine = content.layout.files_of(info.rank, info.world_size)
-    owner = {n: j % info.world_size for j, f in enumerate(content.layout.files) for n in content.layout.names_in(f)}
+    owner = content.layout.owners(info.world_size)
     with torch.no_grad():  # collectives, in the same order on every rank
         full = gather_to_owners({**content.model_state, **content.optimizer_tensors}, owner, info)
     files: dict[str, ckpt.FileContent] = {f: content.tensor_file(f, full) for f in mine}
