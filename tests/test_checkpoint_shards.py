@@ -137,7 +137,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, phase: str) -> None
     from torch.distributed.fsdp import fully_shard
 
     from llm360.train import checkpointing
-    from llm360.train.parallel import DistInfo, full_tensors
+    from llm360.train.parallel import DistInfo, gather_to_owners
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -161,7 +161,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, phase: str) -> None
 
         tensors, _ = optimizer_payload(opt, param_name_map(model))
         state = model.state_dict()
-        full = full_tensors({**state, **tensors}, set(state) | set(tensors))
+        full = gather_to_owners({**state, **tensors}, dict.fromkeys({**state, **tensors}, 0), info)
         if rank == 0:
             single = _full_optimizer(full, state, opt, model)
             ckpt.save_checkpoint(out_dir / "single", model_state={k: full[k] for k in state}, optimizer=single[0],
@@ -173,9 +173,10 @@ def _worker(rank: int, world: int, init_file: str, out: str, phase: str) -> None
 
         tensors, _ = optimizer_payload(opt, param_name_map(model))
         state = model.state_dict()
-        full = {k: v.clone() for k, v in full_tensors({**state, **tensors}, set(state) | set(tensors)).items()}
+        full = {k: v.clone() for k, v in gather_to_owners({**state, **tensors}, dict.fromkeys({**state, **tensors}, 0),
+                                                            info).items()}
         step(model, opt, 5)  # and training goes on from there
-        after = full_tensors(model.state_dict(), set(state))
+        after = gather_to_owners(model.state_dict(), dict.fromkeys(state, 0), info)
         if rank == 0:
             from safetensors.torch import save_file
 

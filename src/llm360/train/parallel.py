@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -283,25 +283,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def full_tensors(tensors: Mapping[str, torch.Tensor], keep: Collection[str]) -> dict[str, torch.Tensor]:
-    """The full value of the tensors named in ``keep`` (in host memory for a sharded one); the rest dropped.
-
-    Collective when ``tensors`` holds DTensors: every rank passes the same names in the same order
-    and takes part in gathering each one (its own ``keep`` may differ). A plain tensor is returned
-    as it is, not copied.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if isinstance(t, DTensor):
-            full = t.full_tensor()
-            if name in keep:
-                out[name] = full.detach().cpu()
-            del full
-        elif name in keep:
-            out[name] = t.detach()
-    return out
 
 
 _groups_by_ranks: dict[tuple[int, ...], object] = {}
