@@ -274,7 +274,7 @@ def _is_zombie(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False  # no /proc (not Linux), or the process is gone now: kill() has the last word
-    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] in ("Z", "X")
+    return stat.rpartition(")")[2][1:2] in ("Z", "X")  # the state follows the parenthesised command name
 
 
 def clean_leftovers(
